@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imprag_ray.model.attention import (
@@ -37,6 +36,7 @@ from imprag_ray.model.attention import (
     decoder_layer,
     pack_passages,
 )
+from imprag_ray.model.losses import response_nll
 
 IMPRAG_CONFIG_NAME = "imprag_config.json"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -233,9 +233,13 @@ class ImpRAGModel(nn.Module):
         """Final norm + LM head: [B, L, D] -> [B, L, V]."""
         return self.lm.lm_head(self.decoder.norm(h))
 
-    def _layer_b_states(self, hidden: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer-b input-normed hidden state at each row's last real token: [B, D], idx [B]."""
-        last = valid.long().sum(dim=1) - 1  # [B]
+    def _layer_b_states(
+        self, hidden: Tensor, valid: Tensor, last: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Layer-b input-normed hidden state at each row's last real token (or at index
+        ``last`` [B] when given): [B, D], idx [B]."""
+        if last is None:
+            last = valid.long().sum(dim=1) - 1  # [B]
         if bool((last < 0).any()):
             raise ValueError("every sequence needs at least one real token (attention_mask all 0)")
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -247,9 +251,11 @@ class ImpRAGModel(nn.Module):
         cos, sin = self.decoder.rotary_emb(x, positions.unsqueeze(1))  # [B, 1, d_h]
         return apply_rope(x.unsqueeze(2), cos, sin).squeeze(2)
 
-    def _query_embedding(self, hidden: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+    def _query_embedding(
+        self, hidden: Tensor, valid: Tensor, positions: Tensor, last: Tensor | None = None
+    ) -> Tensor:
         attn = self.layers[self.b].self_attn
-        x, last = self._layer_b_states(hidden, valid)
+        x, last = self._layer_b_states(hidden, valid, last)
         q = attn.q_proj(x).view(x.shape[0], -1, attn.head_dim)  # [B, h_q, d_h]
         if self.imprag_config.post_rope:
             q = self._rope_single(q, positions.gather(1, last.unsqueeze(1)).squeeze(1))
@@ -263,12 +269,18 @@ class ImpRAGModel(nn.Module):
 
     # ------------------------------------------------------------------ stage 1
     def encode_prompt(
-        self, input_ids: Tensor, attention_mask: Tensor, num_passages: int | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_passages: int | None = None,
+        query_index: Tensor | None = None,
     ) -> PromptState:
         """Stage 1: bottom layers 0..b-1 on the prompt -> query embedding + reusable state.
 
         Prompt token i is placed at position ``num_passages * l_max + i``
-        (num_passages defaults to k; 0 gives the base LLM's positions).
+        (num_passages defaults to k; 0 gives the base LLM's positions). The query
+        embedding is taken at the last real token, or at ``query_index`` [B] (training
+        appends the answer to the prompt; causality makes the prompt's states identical).
         """
         n = self.k if num_passages is None else num_passages
         offset = n * self.l_max
@@ -276,7 +288,7 @@ class ImpRAGModel(nn.Module):
         positions = offset + torch.arange(input_ids.shape[1], device=input_ids.device)
         positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)  # [B, L]
         hidden, kv = self._embed(input_ids, positions, valid, self.b)
-        query = self._query_embedding(hidden, valid, positions)
+        query = self._query_embedding(hidden, valid, positions, query_index)
         return PromptState(query, hidden, kv, positions, valid, offset)
 
     def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -335,11 +347,13 @@ class ImpRAGModel(nn.Module):
         passage_ids: Tensor | None = None,
         passage_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        query_index: Tensor | None = None,
     ) -> ImpRAGOutput:
         """Logits [B, L, V] of the prompt read with its passages; HF-style shifted loss
-        on ``labels`` (-100 = ignored). No passages = exactly the base LLM."""
+        on ``labels`` (-100 = ignored). No passages = exactly the base LLM.
+        ``query_index`` [B]: where to take the query embedding (default: last real token)."""
         n = 0 if passage_ids is None else passage_ids.shape[1]
-        state = self.encode_prompt(input_ids, attention_mask, num_passages=n)
+        state = self.encode_prompt(input_ids, attention_mask, num_passages=n, query_index=query_index)
         passage_kv = None
         if passage_ids is not None:
             if passage_mask is None:
@@ -347,13 +361,7 @@ class ImpRAGModel(nn.Module):
             passage_kv = self.encode_passage_kv(passage_ids, passage_mask)
         h, _ = self.continue_prompt(state, passage_kv)
         logits = self.lm_logits(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+        loss = None if labels is None else response_nll(logits, labels)
         return ImpRAGOutput(logits, loss, state.query_embedding)
 
     def generate(

@@ -248,3 +248,15 @@ def test_save_and_load_round_trip(llama, tmp_path):
                               loaded(ids, torch.ones_like(ids)).logits, atol=1e-6)
     assert ImpRAGModel.from_pretrained(tmp_path / "ckpt", reader_last_layer=5).t == 5
     assert not list(tmp_path.glob(".ckpt*"))  # no temp dirs left behind
+
+
+def test_query_index_gives_the_prompt_embedding_inside_a_longer_sequence(llama):
+    model = wrap(llama, 2, 4)
+    prompt = torch.randint(3, 90, (2, 5))
+    longer = torch.cat([prompt, torch.randint(3, 90, (2, 3))], dim=1)
+    with torch.no_grad():
+        alone = model.embed_queries(prompt, torch.ones_like(prompt))
+        inside = model(longer, torch.ones_like(longer), query_index=torch.tensor([4, 4])).query_embedding
+        last = model(longer, torch.ones_like(longer)).query_embedding
+    assert (alone - inside).abs().max().item() <= TOL
+    assert (alone - last).abs().max().item() > 1e-3

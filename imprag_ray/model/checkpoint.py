@@ -1,0 +1,133 @@
+"""Create checkpoints from nothing: a BPE tokenizer trained on the corpus and a randomly
+initialised Llama-family model of a preset shape, saved in HF format with the ImpRAG
+config (``imprag model init``). Also the checkpoint content hash used by manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME, ImpRAGConfig, ImpRAGModel
+from imprag_ray.model.presets import ModelPreset
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "[SEP]", "[START]", "[END]", "[MASK]"]
+# Template words the tokenizer must know even if the corpus never uses them.
+TEMPLATE_TEXT = (
+    "Q: A: Is this statement true? true false Provide the answer corresponding to the relation "
+    "specified after [SEP] for the entity mentioned before [SEP] Output the Wikipedia page title "
+    "of the entity mentioned between [START] and [END] in the given text"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style) trained on ``texts`` -> ``PreTrainedTokenizerFast``.
+
+    Byte-level means any string round-trips, so no input is ever ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_with_templates(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+
+
+def _with_templates(texts: Iterable[str]) -> Iterable[str]:
+    yield TEMPLATE_TEXT
+    yield from texts
+
+
+def init_checkpoint(
+    preset: ModelPreset,
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> Path:
+    """Train a tokenizer on ``texts``, build a random model of ``preset``'s shape and save
+    both (plus ``imprag_config.json``) to ``out_dir`` atomically. Returns ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or delete it")
+    tokenizer = train_tokenizer(texts, vocab_size or preset.vocab_size)
+    hf_config = preset.hf_config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    config = ImpRAGConfig(
+        preset.retrieval_layer,
+        preset.reader_last_layer,
+        preset.max_passage_tokens,
+        preset.num_passages,
+    )
+    model = ImpRAGModel(lm, config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp / "ckpt")
+        tokenizer.save_pretrained(tmp / "ckpt")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp / "ckpt", out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved next to a checkpoint (right padding, as the model expects)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "right"
+    return tok
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """sha256 over the weight files, model config and ImpRAG config of a checkpoint.
+
+    Indexes and serving replicas record it so a mismatched pairing is refused.
+    """
+    path = Path(path)
+    names = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", IMPRAG_CONFIG_NAME)
+    )
+    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+        raise FileNotFoundError(f"{path}: no model weights (*.safetensors / *.bin) found")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        with open(path / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

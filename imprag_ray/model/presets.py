@@ -1,0 +1,137 @@
+"""Model shapes: one parameterised builder plus zero-argument presets.
+
+``tiny()`` is what the demo and the tests train from scratch on a laptop; the Llama-3
+presets describe the paper's models (b=7, t=19 for Llama-3.2-3B; b=7, t=23 for
+Llama-3.1-8B) so cluster configs and GPU shape checks use exactly those shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Architecture + ImpRAG layer split of one model size."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    retrieval_layer: int  # b
+    reader_last_layer: int  # t
+    max_passage_tokens: int = 64  # l_max
+    num_passages: int = 10  # k
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def hf_config(self, vocab_size: int | None = None, **special_ids: int):
+        """A transformers ``LlamaConfig`` of this shape (vocab from the tokenizer if given)."""
+        from transformers import LlamaConfig
+
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        return LlamaConfig(
+            vocab_size=vocab_size or self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=1e-5,
+            **special_ids,
+        )
+
+
+def llama_like(**overrides) -> ModelPreset:
+    """The fully parameterised builder (every field can be overridden)."""
+    return replace(tiny(), **overrides)
+
+
+def tiny() -> ModelPreset:
+    """~3M parameters: trains from random init on the 2-core demo box in minutes."""
+    return ModelPreset(
+        name="tiny",
+        hidden_size=192,
+        intermediate_size=512,
+        num_layers=6,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=32,
+        vocab_size=4096,
+        retrieval_layer=2,
+        reader_last_layer=4,
+        max_passage_tokens=64,
+        num_passages=4,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+    )
+
+
+def llama3_2_3b() -> ModelPreset:
+    """Llama-3.2-3B shape (28 layers, 24 q / 8 kv heads); paper split b=7, t=19."""
+    return ModelPreset(
+        name="llama3.2-3b",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        retrieval_layer=7,
+        reader_last_layer=19,
+        max_passage_tokens=192,
+        num_passages=10,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=True,
+    )
+
+
+def llama3_1_8b() -> ModelPreset:
+    """Llama-3.1-8B shape (32 layers, 32 q / 8 kv heads); paper split b=7, t=23."""
+    return replace(
+        llama3_2_3b(),
+        name="llama3.1-8b",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        reader_last_layer=23,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+    )
+
+
+PRESETS = {"tiny": tiny, "llama3.2-3b": llama3_2_3b, "llama3.1-8b": llama3_1_8b}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """Preset by name; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
