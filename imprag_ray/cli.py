@@ -1,0 +1,135 @@
+"""``imprag`` command line.
+
+    imprag data synth --out DIR [--seed N] [--passages N]
+    imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--seed N]
+    imprag train --config jobs/X.yaml [key.sub=value ...] [--resume]
+    imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
+
+User mistakes (bad config, bad data, bad arguments) print one clear line and exit 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imprag_ray.config.loader import ConfigError
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    s = dsub.add_parser("synth", help="write the synthetic knowledge-intensive world")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--passages", type=int, default=5000)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_data_synth)
+
+
+def _add_model(sub) -> None:
+    p = sub.add_parser("model", help="checkpoints")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    s = msub.add_parser("init", help="train a BPE tokenizer and write a random checkpoint")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--corpus", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--vocab-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_model_init)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="joint retrieval-generation training")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="EM and recall@k of a predictions file")
+    p.add_argument("--predictions", required=True, type=Path)
+    p.add_argument("--tasks", required=True, nargs="+",
+                   help="task files, FILE or FILE:FORMAT (format defaults to the file stem)")
+    p.add_argument("--corpus", type=Path, default=None, help="for answer-string recall")
+    p.add_argument("--ks", default="1,5,10")
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in (_add_data, _add_model, _add_train, _add_eval):
+        add(sub)
+    return parser
+
+
+def cmd_data_synth(args) -> int:
+    from imprag_ray.data.synth import synthesize
+
+    manifest = synthesize(args.out, seed=args.seed, n_passages=args.passages, overwrite=args.overwrite)
+    print(json.dumps(manifest["counts"], indent=2))
+    return 0
+
+
+def cmd_model_init(args) -> int:
+    from imprag_ray.data.readers import iter_corpus
+    from imprag_ray.data.templates import format_passage
+    from imprag_ray.model.checkpoint import init_checkpoint
+    from imprag_ray.model.presets import get_preset
+
+    preset = get_preset(args.preset)
+    texts = (format_passage(p) for p in iter_corpus(args.corpus))
+    out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size)
+    print(f"wrote {preset.name} checkpoint to {out}")
+    return 0
+
+
+def load_train_config(path: Path, overrides: list[str]):
+    """Load + validate a training job YAML and check that its input paths exist."""
+    from imprag_ray.config.loader import check_paths, load_config
+    from imprag_ray.config.schema import TrainJobConfig
+
+    cfg = load_config(TrainJobConfig, path, overrides)
+    check_paths(cfg, Path.cwd())
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from imprag_ray.train.local import train_local
+
+    cfg = load_train_config(args.config, args.overrides)
+    final = train_local(cfg, resume=args.resume)
+    print(json.dumps(final, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from imprag_ray.eval.metrics import evaluate
+
+    specs = []
+    for item in args.tasks:
+        path, _, fmt = item.partition(":")
+        specs.append((path, fmt or Path(path).stem))
+    ks = tuple(int(k) for k in args.ks.split(","))
+    result = evaluate(args.predictions, specs, corpus_path=args.corpus, ks=ks, out_path=args.json)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"imprag {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

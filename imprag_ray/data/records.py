@@ -1,0 +1,71 @@
+"""Plain records shared by readers, templates, training and evaluation.
+
+Kept free of any heavy dependency: these are what every other component passes around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Formats whose inputs are answered with retrieved passages (paper Table 1).
+RETRIEVAL_FORMATS: tuple[str, ...] = ("qa", "fact_check", "slot_filling", "entity_linking")
+# Retrieval-free training formats: `instruction` inputs are already the full prompt;
+# `corpus_text` examples are plain LM text (empty input, the text is the answer).
+RETRIEVAL_FREE_FORMATS: tuple[str, ...] = ("instruction", "corpus_text")
+FORMATS: tuple[str, ...] = RETRIEVAL_FORMATS + RETRIEVAL_FREE_FORMATS
+
+
+def check_format(format: str) -> str:
+    """Return `format` if known, else raise ValueError listing the known formats."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown task format {format!r}; known formats: {', '.join(FORMATS)}")
+    return format
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrievable unit of the corpus (Atlas style: {id, title, text})."""
+
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One task input with its gold answers.
+
+    answers: non-empty for labelled data, deduplicated, original order kept.
+    provenance: gold passage ids (KILT `wikipedia_id`), may be empty.
+    format: one of FORMATS; decides the prompt template.
+    meta: free-form extras; not part of equality or hashing.
+    """
+
+    id: str
+    input: str
+    answers: tuple[str, ...]
+    provenance: tuple[str, ...]
+    format: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples so the record stays immutable.
+        object.__setattr__(self, "answers", tuple(self.answers))
+        object.__setattr__(self, "provenance", tuple(self.provenance))
+        check_format(self.format)
+
+
+class DataError(ValueError):
+    """A malformed input record. The message names `file:line`, the field and the fix.
+
+    Example: ``corpus.jsonl:17: field 'text' missing; each line must be {"id", "title", "text"}``
+    """
+
+    def __init__(self, where: str, field: str | None, problem: str, fix: str) -> None:
+        self.where = where
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        subject = f"field '{field}' {problem}" if field else problem
+        super().__init__(f"{where}: {subject}; {fix}")

@@ -1,0 +1,239 @@
+"""A knowledge-intensive synthetic world for end-to-end tests and small experiments.
+
+`synthesize(out_dir, seed=0, n_passages=5000)` writes (deterministically per seed):
+
+  corpus.jsonl                  {"id": "p00042", "title": "Ilsa Dren", "text": "..."}  one per person
+  train/qa.jsonl                KILT QA about train people (several per person)
+  train/instruction.jsonl       retrieval-free prompts (reading comprehension, true/false
+                                verification, next/previous sentence, [MASK] denoising)
+  train/corpus_text.jsonl       plain passage text (~10% of the training mix)
+  dev/qa.jsonl                  QA about dev held-out people
+  eval/qa.jsonl                 QA about test held-out people (seen format)
+  eval/slot_filling.jsonl       "Ilsa Dren [SEP] place of birth"           (unseen format)
+  eval/fact_check.jsonl         half true / half false claims, "true"/"false" (unseen format)
+  eval/entity_linking.jsonl     "[START] Redhand [END] ..." -> "Ilsa Dren"   (unseen format)
+  world.json                    manifest: seed, counts, formats, split sizes
+
+Held-out (dev/test) people exist only in the corpus and in their own split's files;
+distractor people share templates and values but are never asked about. Questions are poor
+explicit queries: other people and places are mentioned around a paraphrased relation.
+The mechanics of the world (people, passages) live here; task rows are built in synth_tasks.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imprag_ray.data import synth_vocab as V
+from imprag_ray.data.io import atomic_dir, write_json_atomic, write_jsonl_atomic
+
+MIN_PASSAGES = 100
+MAX_HELDOUT = 600  # per held-out split; bounded by the number of unique aliases
+HELDOUT_SHARE = 0.04  # dev and test each: ~200 people for 5,000 passages
+MIN_HELDOUT = 24  # keeps >= ~20 items per eval file for tiny worlds
+TRAIN_SHARE = 0.30  # the rest (~60%) are distractors
+N_CITIES, N_RIVERS, N_GUILDS = 48, 24, 32
+VERSION = 1
+
+
+@dataclass
+class Person:
+    """One entity of the world and its passage. split: train | dev | test | distractor."""
+
+    pid: str
+    name: str
+    first: str
+    gender: str
+    alias: str
+    facts: dict[str, str]  # relation -> value (see synth_vocab.RELATIONS)
+    split: str
+    sentences: list[str]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.sentences)
+
+    def slots(self) -> dict[str, str]:
+        """Template slots for this person ({name}, {he}, {city}, ...)."""
+        f = self.facts
+        return {
+            "name": self.name,
+            "first": self.first,
+            "alias": self.alias,
+            "city": f["birthplace"],
+            "year": f["birth_year"],
+            "occ": f["occupation"],
+            "org": f["employer"],
+            "river": f["river"],
+            **V.PRONOUNS[self.gender],
+        }
+
+
+@dataclass
+class World:
+    """People (in passage-id order) plus the value pools other tasks draw from."""
+
+    people: list[Person]
+    pools: dict[str, list[str]]  # relation -> possible values
+
+    def split(self, name: str) -> list[Person]:
+        return [p for p in self.people if p.split == name]
+
+
+def split_sizes(n_passages: int) -> dict[str, int]:
+    """People per split for a corpus of n_passages (one passage per person)."""
+    if n_passages < MIN_PASSAGES:
+        raise ValueError(f"n_passages={n_passages} is too small; use at least {MIN_PASSAGES}")
+    held = min(MAX_HELDOUT, max(MIN_HELDOUT, round(HELDOUT_SHARE * n_passages)))
+    train = round(TRAIN_SHARE * n_passages)
+    return {"train": train, "dev": held, "test": held, "distractor": n_passages - train - 2 * held}
+
+
+def _strings(value: Any) -> list[str]:
+    """All strings inside a (nested) constant of synth_vocab."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (tuple, list)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _reserved_words() -> set[str]:
+    """Lowercase words of all templates and lists: generated names must not collide with them."""
+    texts = [s for name, v in vars(V).items() if name.isupper() for s in _strings(v)]
+    return {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+
+
+def _draw_words(rng: random.Random, k: int, n_syll: int, used: set[str]) -> list[str]:
+    """k new capitalised words of n_syll syllables each, unique across `used` (updated)."""
+    out: list[str] = []
+    for _ in range(200 * k + 1000):
+        if len(out) == k:
+            return out
+        word = "".join(rng.choice(V.SYLLABLES) for _ in range(n_syll)).capitalize()
+        if word.lower() not in used:
+            used.add(word.lower())
+            out.append(word)
+    raise ValueError(f"cannot draw {k} unique {n_syll}-syllable words; lower n_passages")
+
+
+def _value_pools(rng: random.Random, used: set[str]) -> dict[str, list[str]]:
+    lo, hi = V.YEAR_RANGE
+    return {
+        "birthplace": _draw_words(rng, N_CITIES, 3, used),
+        "river": _draw_words(rng, N_RIVERS, 2, used),
+        "employer": _draw_words(rng, N_GUILDS, 2, used),
+        "occupation": list(V.OCCUPATIONS),
+        "birth_year": [str(y) for y in range(lo, hi + 1)],
+    }
+
+
+def _names(rng: random.Random, n: int, used: set[str]) -> list[tuple[str, str]]:
+    """n unique (first, last) names from two small syllable-built pools (reused across people)."""
+    k = max(20, math.ceil(math.sqrt(2.5 * n)))
+    firsts = _draw_words(rng, k, 2, used)
+    lasts = _draw_words(rng, k, 2 if k <= 400 else 3, used)  # 2-syllable words run out past ~64k people
+    picks = rng.sample(range(k * k), n)
+    return [(firsts[i // k], lasts[i % k]) for i in picks]
+
+
+def _aliases(rng: random.Random, splits: list[str]) -> list[str]:
+    """One alias per person; dev/test aliases are unique in the whole world (entity linking)."""
+    combos = [(h + t).capitalize() for h in V.ALIAS_HEADS for t in V.ALIAS_TAILS]
+    rng.shuffle(combos)
+    held = [i for i, s in enumerate(splits) if s in ("dev", "test")]
+    aliases = [""] * len(splits)
+    for i, a in zip(held, combos, strict=False):
+        aliases[i] = a
+    rest = combos[len(held) :]
+    others = [i for i, s in enumerate(splits) if s not in ("dev", "test")]
+    for j, i in enumerate(others):
+        aliases[i] = rest[j % len(rest)]
+    return aliases
+
+
+def _sentences(rng: random.Random, slots: dict[str, str]) -> list[str]:
+    """2-3 short sentences (~25-35 words) stating all facts, with varied surface templates."""
+    intro = rng.choice(V.INTRO_SENTENCES).format(**slots)
+    if rng.random() < 0.3:
+        return [intro, rng.choice(V.WORK_RIVER_SENTENCES).format(**slots)]
+    rest = [rng.choice(V.WORK_SENTENCES).format(**slots), rng.choice(V.RIVER_SENTENCES).format(**slots)]
+    if rng.random() < 0.5:
+        rest.reverse()
+    return [intro, *rest]
+
+
+def build_world(seed: int = 0, n_passages: int = 5000) -> World:
+    """All people of the world, deterministic per seed; passage ids p00000.. in order."""
+    sizes = split_sizes(n_passages)
+    rng = random.Random(seed)
+    used = _reserved_words()
+    pools = _value_pools(rng, used)
+    names = _names(rng, n_passages, used)
+    splits = [s for s, k in sizes.items() for _ in range(k)]
+    rng.shuffle(splits)
+    aliases = _aliases(rng, splits)
+    width = max(5, len(str(n_passages - 1)))
+    people = []
+    for i, ((first, last), split, alias) in enumerate(zip(names, splits, aliases, strict=True)):
+        facts = {rel: rng.choice(pools[rel]) for rel in V.RELATIONS}
+        p = Person(
+            pid=f"p{i:0{width}d}",
+            name=f"{first} {last}",
+            first=first,
+            gender=rng.choice("mf"),
+            alias=alias,
+            facts=facts,
+            split=split,
+            sentences=[],
+        )
+        p.sentences = _sentences(rng, p.slots())
+        people.append(p)
+    return World(people=people, pools=pools)
+
+
+def corpus_rows(world: World) -> list[dict[str, Any]]:
+    return [{"id": p.pid, "title": p.name, "text": p.text} for p in world.people]
+
+
+def synthesize(
+    out_dir: str | os.PathLike, *, seed: int = 0, n_passages: int = 5000, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the synthetic world to out_dir atomically and return its manifest (world.json).
+
+    Refuses a non-empty out_dir unless overwrite=True (FileExistsError).
+    """
+    from imprag_ray.data.synth_tasks import build_task_files
+
+    world = build_world(seed, n_passages)
+    files = build_task_files(world, random.Random(f"tasks-{seed}"))
+    manifest: dict[str, Any] = {
+        "name": "imprag-synth",
+        "version": VERSION,
+        "seed": seed,
+        "n_passages": n_passages,
+        "corpus": {"path": "corpus.jsonl", "count": n_passages},
+        "entities": split_sizes(n_passages),
+        "relations": list(V.RELATIONS),
+        "unseen_formats": ["slot_filling", "fact_check", "entity_linking"],
+    }
+    counts = {"corpus.jsonl": n_passages}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_jsonl_atomic(tmp / "corpus.jsonl", corpus_rows(world))
+        for split in ("train", "dev", "eval"):
+            manifest[split] = []
+            for rel_path, fmt, rows in files[split]:
+                (tmp / rel_path).parent.mkdir(parents=True, exist_ok=True)
+                counts[rel_path] = write_jsonl_atomic(tmp / rel_path, rows)
+                manifest[split].append({"path": rel_path, "format": fmt, "count": counts[rel_path]})
+        manifest["counts"] = counts
+        write_json_atomic(Path(tmp) / "world.json", manifest)
+    return manifest

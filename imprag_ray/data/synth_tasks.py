@@ -1,0 +1,184 @@
+"""Task rows (KILT JSONL dicts) of the synthetic world built by synth.py.
+
+Row: {"id", "input", "output": [{"answer", "provenance": [{"wikipedia_id", "title"}]}], "meta"}
+meta holds the relation / task kind and `mentions` (people named in the input) for analysis;
+it never holds the answer or the asked person's name.
+Other people mentioned in any input come from train and distractor people only, so held-out
+people never appear outside the corpus and their own split's files.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from imprag_ray.data import synth_vocab as V
+from imprag_ray.data.synth import Person, World
+
+QA_PER_TRAIN_PERSON = 4
+INSTRUCTION_KINDS = ("rc", "rc_alias", "verify", "next", "prev", "denoise")
+CORPUS_TEXT_SHARE = 0.10  # of the whole training mix
+
+
+def _row(rid: str, text: str, answer: str, person: Person | None, meta: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"answer": answer}
+    if person is not None:
+        out["provenance"] = [{"wikipedia_id": person.pid, "title": person.name}]
+    return {"id": rid, "input": text, "output": [out], "meta": meta}
+
+
+class TaskBuilder:
+    """Draws questions, claims and instruction prompts about people of one world."""
+
+    def __init__(self, world: World, rng: random.Random) -> None:
+        self.world = world
+        self.rng = rng
+        # Mentionable "other" people: never held-out ones.
+        self.mentionable = [p for p in world.people if p.split in ("train", "distractor")]
+
+    # ---- shared pieces -----------------------------------------------------------
+    def _others(self, target: Person, k: int) -> list[str]:
+        names: list[str] = []
+        while len(names) < k:
+            cand = self.rng.choice(self.mentionable).name
+            if cand != target.name and cand not in names:
+                names.append(cand)
+        return names
+
+    def _other_city(self, target: Person) -> str:
+        cities = [c for c in self.world.pools["birthplace"] if c != target.facts["birthplace"]]
+        return self.rng.choice(cities)
+
+    def _frame(self, target: Person, q: str) -> tuple[str, int]:
+        """Wrap question q in a frame mentioning 0-2 other people; returns (text, mentions)."""
+        r = self.rng.random()
+        if r < 0.2:
+            return q, 1
+        frames, k = (V.TWO_FRAMES, 1) if r < 0.6 or r >= 0.85 else (V.THREE_FRAMES, 2)
+        o = self._others(target, 2)
+        frame = self.rng.choice(frames)
+        body = frame.format(o1=o[0], o2=o[1], c2=self._other_city(target), name=target.name, q=q)
+        mentions = 1 + k
+        if r >= 0.85:  # long instruction around a short need
+            body = self.rng.choice(V.LONG_WRAPS).format(body=body)
+        return body, mentions
+
+    def question(self, target: Person, rel: str) -> tuple[str, int]:
+        q = self.rng.choice(V.QUESTIONS[rel]).format(name=target.name)
+        return self._frame(target, q)
+
+    def claim(self, target: Person, rel: str, true: bool) -> str:
+        value = target.facts[rel]
+        if not true:
+            value = self.rng.choice([v for v in self.world.pools[rel] if v != value])
+        return self.rng.choice(V.CLAIMS[rel]).format(name=target.name, v=value)
+
+    # ---- task files ----------------------------------------------------------------
+    def qa(self, people: list[Person], prefix: str, per_person: int) -> list[dict[str, Any]]:
+        rows = []
+        for p in people:
+            for rel in self.rng.sample(V.RELATIONS, per_person):
+                text, mentions = self.question(p, rel)
+                meta = {"relation": rel, "mentions": mentions}
+                rows.append(_row(f"{prefix}-{len(rows):05d}", text, p.facts[rel], p, meta))
+        return rows
+
+    def slot_filling(self, people: list[Person], prefix: str) -> list[dict[str, Any]]:
+        rows = []
+        for i, p in enumerate(people):
+            rel = self.rng.choice(V.RELATIONS)
+            text = f"{p.name} [SEP] {V.SLOT_NAMES[rel]}"
+            rows.append(_row(f"{prefix}-{i:05d}", text, p.facts[rel], p, {"relation": rel, "mentions": 1}))
+        return rows
+
+    def fact_check(self, people: list[Person], prefix: str) -> list[dict[str, Any]]:
+        labels = [i % 2 == 0 for i in range(len(people))]  # exactly half true (rounded up)
+        self.rng.shuffle(labels)
+        rows = []
+        for i, (p, true) in enumerate(zip(people, labels, strict=True)):
+            rel = self.rng.choice(V.RELATIONS)
+            o = self._others(p, 2)
+            frame = self.rng.choice(V.CLAIM_FRAMES)
+            text = frame.format(claim=self.claim(p, rel, true), o1=o[0], o2=o[1])
+            meta = {"relation": rel, "mentions": 1 + frame.count("{o")}
+            rows.append(_row(f"{prefix}-{i:05d}", text, "true" if true else "false", p, meta))
+        return rows
+
+    def entity_linking(self, people: list[Person], prefix: str) -> list[dict[str, Any]]:
+        rows = []
+        for i, p in enumerate(people):
+            o1 = self._others(p, 1)[0]
+            text = self.rng.choice(V.LINKING_TEXTS).format(alias=p.alias, o1=o1, c2=self._other_city(p))
+            rows.append(_row(f"{prefix}-{i:05d}", text, p.name, p, {"relation": "alias", "mentions": 2}))
+        return rows
+
+    # ---- retrieval-free instruction data -----------------------------------------------
+    def instruction(self, pool: list[Person], n: int, prefix: str) -> list[dict[str, Any]]:
+        rows = []
+        for i in range(n):
+            p = self.rng.choice(pool)
+            kind = INSTRUCTION_KINDS[i % len(INSTRUCTION_KINDS)]
+            text, answer = getattr(self, f"_instr_{kind}")(p)
+            rows.append(_row(f"{prefix}-{i:05d}", text, answer, None, {"task": kind}))
+        return rows
+
+    def _instr_rc(self, p: Person) -> tuple[str, str]:
+        rel = self.rng.choice(V.RELATIONS)
+        q = self.rng.choice(V.QUESTIONS[rel]).format(name=p.name)
+        return V.RC_PREFIX.format(passage=_passage(p), q=q), p.facts[rel]
+
+    def _instr_rc_alias(self, p: Person) -> tuple[str, str]:
+        q = V.RC_ALIAS_QUESTION.format(alias=p.alias)
+        return V.RC_PREFIX.format(passage=_passage(p), q=q), p.name
+
+    def _instr_verify(self, p: Person) -> tuple[str, str]:
+        true = self.rng.random() < 0.5
+        claim = self.claim(p, self.rng.choice(V.RELATIONS), true)
+        return V.VERIFY_PROMPT.format(passage=_passage(p), claim=claim), "true" if true else "false"
+
+    def _instr_next(self, p: Person) -> tuple[str, str]:
+        i = self.rng.randrange(len(p.sentences) - 1)
+        return V.NEXT_PROMPT.format(sentence=p.sentences[i]), p.sentences[i + 1]
+
+    def _instr_prev(self, p: Person) -> tuple[str, str]:
+        i = self.rng.randrange(len(p.sentences) - 1)
+        return V.PREV_PROMPT.format(sentence=p.sentences[i + 1]), p.sentences[i]
+
+    def _instr_denoise(self, p: Person) -> tuple[str, str]:
+        phrase = self.rng.choice([*p.facts.values(), p.alias])
+        masked = re.sub(rf"\b{re.escape(phrase)}\b", "[MASK]", _passage(p), count=1)
+        return V.DENOISE_PROMPT.format(masked=masked), phrase
+
+
+def _passage(p: Person) -> str:
+    """Same "title: text" string the reader sees (templates.format_passage)."""
+    return f"{p.name}: {p.text}"
+
+
+def build_task_files(world: World, rng: random.Random) -> dict[str, list[tuple[str, str, list]]]:
+    """{"train"|"dev"|"eval": [(relative path, format, rows), ...]}."""
+    b = TaskBuilder(world, rng)
+    train, dev, test = world.split("train"), world.split("dev"), world.split("test")
+    pool = [p for p in world.people if p.split in ("train", "distractor")]
+    qa = b.qa(train, "train-qa", QA_PER_TRAIN_PERSON)
+    instr = b.instruction(pool, len(qa), "train-instruction")
+    n_text = min(len(pool), round((len(qa) + len(instr)) * CORPUS_TEXT_SHARE / (1 - CORPUS_TEXT_SHARE)))
+    text_rows = [
+        _row(f"train-corpus_text-{i:05d}", "", p.text, p, {"task": "corpus_text"})
+        for i, p in enumerate(rng.sample(pool, n_text))
+    ]
+    return {
+        "train": [
+            ("train/qa.jsonl", "qa", qa),
+            ("train/instruction.jsonl", "instruction", instr),
+            ("train/corpus_text.jsonl", "corpus_text", text_rows),
+        ],
+        "dev": [("dev/qa.jsonl", "qa", b.qa(dev, "dev-qa", 1))],
+        "eval": [
+            ("eval/qa.jsonl", "qa", b.qa(test, "eval-qa", 1)),
+            ("eval/slot_filling.jsonl", "slot_filling", b.slot_filling(test, "eval-slot_filling")),
+            ("eval/fact_check.jsonl", "fact_check", b.fact_check(test, "eval-fact_check")),
+            ("eval/entity_linking.jsonl", "entity_linking", b.entity_linking(test, "eval-entity_linking")),
+        ],
+    }

@@ -1,0 +1,290 @@
+"""Word lists and surface templates of the synthetic world (see synth.py).
+
+The vocabulary is deliberately small and regular so that a tiny model with a BPE tokenizer
+trained on the corpus learns it in minutes: all proper names are built from SYLLABLES,
+all other words come from the short lists below. Templates use `str.format` slots:
+  {name} full name, {first} first name, {alias}, {he}/{He}, {his}/{His}, {city}, {year},
+  {occ}, {org}, {river}; question/claim frames add {o1}, {o2} (other people), {c2} (another city),
+  {q} (the question) and {body} (a framed question).
+"""
+
+from __future__ import annotations
+
+# Relations of a person and the surface name used for slot filling (KILT T-REx style).
+RELATIONS: tuple[str, ...] = ("birthplace", "occupation", "employer", "river", "birth_year")
+SLOT_NAMES: dict[str, str] = {
+    "birthplace": "place of birth",
+    "occupation": "occupation",
+    "employer": "employer",
+    "river": "nearby river",
+    "birth_year": "year of birth",
+}
+
+SYLLABLES: tuple[str, ...] = (
+    "ar",
+    "bel",
+    "cas",
+    "dor",
+    "dren",
+    "el",
+    "fen",
+    "gal",
+    "hal",
+    "il",
+    "jor",
+    "kal",
+    "lin",
+    "mor",
+    "nav",
+    "ost",
+    "pel",
+    "quin",
+    "ros",
+    "sel",
+    "tam",
+    "ul",
+    "vel",
+    "wyn",
+    "yor",
+    "zor",
+    "bri",
+    "dra",
+    "kra",
+    "tha",
+    "mi",
+    "ra",
+    "na",
+    "lo",
+    "va",
+    "sa",
+)
+
+# Consonant-initial so that "a {occ}" never needs "an".
+OCCUPATIONS: tuple[str, ...] = (
+    "baker",
+    "smith",
+    "weaver",
+    "sailor",
+    "miller",
+    "potter",
+    "healer",
+    "scribe",
+    "farmer",
+    "hunter",
+    "mason",
+    "tailor",
+    "brewer",
+    "fisher",
+    "carpenter",
+    "merchant",
+    "painter",
+    "singer",
+    "teacher",
+    "guard",
+    "cook",
+    "builder",
+    "tanner",
+    "shepherd",
+)
+YEAR_RANGE = (1720, 1899)  # inclusive
+
+# Aliases are compounds like "Redhand": ALIAS_HEADS x ALIAS_TAILS.
+ALIAS_HEADS: tuple[str, ...] = (
+    "red",
+    "grey",
+    "iron",
+    "stone",
+    "swift",
+    "bold",
+    "dark",
+    "gold",
+    "silver",
+    "black",
+    "white",
+    "green",
+    "tall",
+    "quick",
+    "bright",
+    "cold",
+    "wild",
+    "old",
+    "sharp",
+    "long",
+    "high",
+    "deep",
+    "thorn",
+    "storm",
+    "ash",
+    "frost",
+    "sun",
+    "moon",
+    "star",
+    "fire",
+    "rain",
+    "snow",
+    "salt",
+    "oak",
+    "elm",
+    "rust",
+    "copper",
+    "amber",
+    "blue",
+    "pale",
+)
+ALIAS_TAILS: tuple[str, ...] = (
+    "hand",
+    "wolf",
+    "jaw",
+    "eye",
+    "fox",
+    "crow",
+    "bear",
+    "heart",
+    "blade",
+    "wind",
+    "hawk",
+    "fist",
+    "horn",
+    "song",
+    "tooth",
+    "brook",
+    "field",
+    "helm",
+    "foot",
+    "beard",
+    "cloak",
+    "shield",
+    "bow",
+    "axe",
+    "spear",
+    "stag",
+    "boar",
+    "owl",
+    "raven",
+    "lark",
+    "wing",
+    "mane",
+    "claw",
+    "fang",
+    "staff",
+    "ring",
+    "coat",
+    "hood",
+    "bell",
+    "drum",
+    "pipe",
+    "horse",
+    "hound",
+    "cat",
+    "bull",
+)
+
+PRONOUNS = {
+    "m": {"he": "he", "He": "He", "his": "his", "His": "His"},
+    "f": {"he": "she", "He": "She", "his": "her", "His": "Her"},
+}
+
+# ---- passage sentences -------------------------------------------------------------
+INTRO_SENTENCES: tuple[str, ...] = (
+    "{name}, known as {alias}, was born in {city} in {year}.",
+    "{name} was born in {city} in {year} and was known as {alias}.",
+    "Born in {city} in {year}, {name} was called {alias} by friends.",
+    "{name}, called {alias} by all, was born in the city of {city} in {year}.",
+)
+WORK_SENTENCES: tuple[str, ...] = (
+    "{He} worked as a {occ} for the {org} guild.",
+    "{He} was a {occ} in the {org} guild.",
+    "The {org} guild employed {first} as a {occ}.",
+)
+RIVER_SENTENCES: tuple[str, ...] = (
+    "{His} house stood by the river {river}.",
+    "{He} lived on the banks of the river {river}.",
+    "The river {river} flowed past the home of {first}.",
+)
+WORK_RIVER_SENTENCES: tuple[str, ...] = (
+    "{He} worked as a {occ} for the {org} guild and lived by the river {river}.",
+    "As a {occ} of the {org} guild, {he} kept a house near the river {river}.",
+)
+
+# ---- questions: relation wording is paraphrased relative to the passages -----------
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "Where was {name} born?",
+        "Which city is {name} from?",
+        "What is the home town of {name}?",
+        "Which city saw the birth of {name}?",
+    ),
+    "occupation": (
+        "What was the trade of {name}?",
+        "What did {name} do for a living?",
+        "What job did {name} have?",
+    ),
+    "employer": (
+        "Which guild did {name} work for?",
+        "{name} belonged to which guild?",
+        "Which guild paid {name}?",
+    ),
+    "river": (
+        "Which river ran near the home of {name}?",
+        "By which river did {name} live?",
+        "Near what river was the house of {name}?",
+    ),
+    "birth_year": (
+        "In which year was {name} born?",
+        "When was {name} born?",
+        "What year did {name} come into the world?",
+    ),
+}
+
+# Frames make the whole prompt a poor explicit query: other people and places around the need.
+SINGLE_FRAMES: tuple[str, ...] = ("{q}",)
+TWO_FRAMES: tuple[str, ...] = (
+    "{o1} met {name} in {c2}. {q}",
+    "{name} and {o1} traveled to {c2} together. {q}",
+    "{o1} once wrote a letter to {name} from {c2}. {q}",
+    "{o1} spent a long winter in {c2} with old friends. {q}",
+)
+THREE_FRAMES: tuple[str, ...] = (
+    "{o1}, {o2} and {name} met at the market in {c2}. {q}",
+    "{o1} introduced {o2} to {name} in {c2}. {q}",
+    "{o1} and {o2} argued in {c2} for a long time. {q}",
+)
+LONG_WRAPS: tuple[str, ...] = (
+    "Read the short story below and answer the question at the end with a single word. {body}",
+    "The text below mentions several people, but the question asks about only one of them. "
+    "Answer with one word. {body}",
+)
+
+# ---- claims (fact checking); every claim starts with {name} -----------------------
+CLAIMS: dict[str, tuple[str, ...]] = {
+    "birthplace": ("{name} was born in the city of {v}.", "{name} comes from {v}."),
+    "occupation": ("{name} earned a living as a {v}.", "{name} was trained as a {v}."),
+    "employer": ("{name} was hired by the {v} guild.", "{name} served the {v} guild."),
+    "river": ("{name} lived near the river {v}.", "{name} had a house close to the river {v}."),
+    "birth_year": ("{name} was born in the year {v}.", "{name} came into the world in {v}."),
+}
+CLAIM_FRAMES: tuple[str, ...] = (
+    "{claim}",
+    "{claim}",
+    "According to {o1}, {claim}",
+    "{o1} and {o2} both believe that {claim}",
+)
+
+# ---- entity linking: the person is mentioned by alias only --------------------------
+LINKING_TEXTS: tuple[str, ...] = (
+    "[START] {alias} [END] visited {c2} with {o1} in the spring.",
+    "{o1} once shared a meal with [START] {alias} [END] in {c2}.",
+    "In {c2}, {o1} and [START] {alias} [END] argued about the weather.",
+    "Everyone in {c2} knew that [START] {alias} [END] was a friend of {o1}.",
+)
+
+# ---- retrieval-free instruction tasks (never use the eval templates' wording) -------
+RC_PREFIX = "Read the passage and answer the question. Passage: {passage} Q: {q} A:"
+RC_ALIAS_QUESTION = "Who is known as {alias}?"
+VERIFY_PROMPT = (
+    "Read the passage and decide whether the statement agrees with it. Passage: {passage} "
+    "Statement: {claim} Answer true or false. A:"
+)
+NEXT_PROMPT = "Passage: {sentence} Write the sentence that comes next. A:"
+PREV_PROMPT = "Passage: {sentence} Write the sentence that came before. A:"
+DENOISE_PROMPT = "Fill in the [MASK] in the passage. Passage: {masked} A:"

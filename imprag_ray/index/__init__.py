@@ -1,0 +1,5 @@
+"""Passage indexes (FAISS), Ray-free."""
+
+from imprag_ray.index.flat import DenseIndex
+
+__all__ = ["DenseIndex"]

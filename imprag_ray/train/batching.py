@@ -1,0 +1,141 @@
+"""Turn task examples + teacher rankings into training tensors (Ray-free).
+
+A training item is a prompt (``<s>`` + template text), a target (answer + ``</s>``) and,
+for retrieval formats, the teacher's passage ids: the top-k read in context, the
+positives and hard negatives for warmup NCE, the candidates for self-distillation.
+Retrieval-free items (instruction tasks, plain corpus text) carry no passages.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
+from imprag_ray.data.templates import format_prompt, format_target
+from imprag_ray.data.tokenized import PassageStore, encode_prompt_text
+
+
+@dataclass
+class Item:
+    """One tokenised training example."""
+
+    prompt: list[int]
+    target: list[int]
+    context: list[str]  # passage ids read in context (empty = no retrieval)
+    positives: list[str]
+    hard_negatives: list[str]
+    candidates: list[str]
+
+    @property
+    def retrieval(self) -> bool:
+        return bool(self.context)
+
+
+def make_item(
+    example: TaskExample,
+    tokenizer,
+    ranking: Sequence[str] | None,
+    *,
+    k: int,
+    num_positives: int,
+    hard_negative_ranks: tuple[int, int],
+    num_hard_negatives: int,
+    num_candidates: int,
+    max_prompt_tokens: int,
+    max_target_tokens: int,
+    rng: random.Random,
+) -> Item:
+    """Tokenise one example; ``ranking`` = teacher passage ids (retrieval formats only)."""
+    if example.format == "corpus_text":
+        prompt_text, target_text = "", example.answers[0]
+    else:
+        prompt_text, target_text = format_prompt(example), format_target(example.answers[0])
+    prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens)
+    target = tokenizer(target_text, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
+    target = target + [tokenizer.eos_token_id]
+    if example.format not in RETRIEVAL_FORMATS or not ranking:
+        return Item(prompt, target, [], [], [], [])
+    lo, hi = hard_negative_ranks
+    pool = list(ranking[lo:hi])
+    hard = rng.sample(pool, min(num_hard_negatives, len(pool)))
+    return Item(
+        prompt,
+        target,
+        context=list(ranking[:k]),
+        positives=list(ranking[:num_positives]),
+        hard_negatives=hard,
+        candidates=list(ranking[:num_candidates]),
+    )
+
+
+@dataclass
+class Batch:
+    """Tensors of one training step.
+
+    input_ids/attention_mask/labels: [B, L] (prompt + target, labels -100 on the prompt);
+    query_index: [B] last prompt token; passage_ids/passage_mask: [B, k, l_max] context;
+    retrieval: [B] bool; pool_ids: passage ids of the step's passage pool (positives,
+    hard negatives and candidates of all retrieval rows, deduplicated) with tokens
+    pool_tokens/pool_mask [M, l_max]; positive: [R, M] bool for the R retrieval rows;
+    candidates: [R, C] indices into the pool (-1 = none).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    query_index: Tensor
+    passage_ids: Tensor | None
+    passage_mask: Tensor | None
+    retrieval: Tensor
+    items: list[Item]
+    pool_ids: list[str]
+    pool_tokens: Tensor
+    pool_mask: Tensor
+    positive: Tensor
+    candidates: Tensor
+
+
+def collate(items: Sequence[Item], store: PassageStore, k: int, pad_id: int, with_passages: bool) -> Batch:
+    """Right-pad a list of items into a :class:`Batch`."""
+    bsz = len(items)
+    length = max(len(it.prompt) + len(it.target) for it in items)
+    input_ids = torch.full((bsz, length), pad_id, dtype=torch.long)
+    mask = torch.zeros(bsz, length, dtype=torch.long)
+    labels = torch.full((bsz, length), -100, dtype=torch.long)
+    for i, it in enumerate(items):
+        seq = it.prompt + it.target
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(it.prompt) : len(seq)] = torch.tensor(it.target)
+    query_index = torch.tensor([len(it.prompt) - 1 for it in items])
+    retrieval = torch.tensor([it.retrieval and with_passages for it in items], dtype=torch.bool)
+    passage_ids = passage_mask = None
+    if with_passages and bool(retrieval.any()):
+        passage_ids = torch.zeros(bsz, k, store.l_max, dtype=torch.long)
+        passage_mask = torch.zeros_like(passage_ids)
+        for i, it in enumerate(items):
+            if it.context:
+                tok, m = store.tensor(it.context[:k])
+                passage_ids[i, : len(tok)], passage_mask[i, : len(tok)] = tok, m
+    rows = [it for it, r in zip(items, retrieval.tolist()) if r]
+    pool: dict[str, int] = {}
+    for it in rows:
+        for pid in it.positives + it.hard_negatives + it.candidates:
+            pool.setdefault(pid, len(pool))
+    pool_ids = list(pool)
+    pool_tokens, pool_mask = store.tensor(pool_ids)
+    positive = torch.zeros(len(rows), len(pool_ids), dtype=torch.bool)
+    n_cand = max((len(it.candidates) for it in rows), default=0)
+    candidates = torch.full((len(rows), n_cand), -1, dtype=torch.long)
+    for r, it in enumerate(rows):
+        positive[r, [pool[p] for p in it.positives]] = True
+        candidates[r, : len(it.candidates)] = torch.tensor([pool[p] for p in it.candidates], dtype=torch.long)
+    return Batch(
+        input_ids, mask, labels, query_index, passage_ids, passage_mask, retrieval, list(items),
+        pool_ids, pool_tokens, pool_mask, positive, candidates,
+    )

@@ -1,0 +1,342 @@
+"""The Ray-free ImpRAG training recipe (arXiv 2506.02279 §3.2; DESIGN §1).
+
+One class, ``setup / train_step / train_epoch / evaluate / save_checkpoint / resume``,
+that runs in a single process here (``imprag train``) and unchanged inside a Ray Train
+worker later: distribution enters only through ``rank``/``world_size`` (data sharding)
+and ``gather`` (in-batch negatives from all workers).
+
+Each step optimises ``J = J_gen + lambda * J_ret`` on a mixed batch: retrieval-format
+examples read the teacher's top-k passages and train the retriever (warmup NCE for the
+first ``warmup_epochs``, then self-distillation from the model's own answer
+likelihoods); retrieval-free examples (instructions, corpus text) add to J_gen only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from imprag_ray.config.loader import to_dict
+from imprag_ray.config.schema import TaskFile, TrainJobConfig
+from imprag_ray.data.readers import read_corpus, read_tasks
+from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
+from imprag_ray.data.templates import format_passage
+from imprag_ray.data.tokenized import PassageStore
+from imprag_ray.eval.metrics import score_task
+from imprag_ray.eval.predict import encode_corpus, predict
+from imprag_ray.model.checkpoint import load_tokenizer
+from imprag_ray.model.imprag import ImpRAGModel
+from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce
+from imprag_ray.retrievers.teachers import build_teacher
+from imprag_ray.train.batching import Batch, Item, collate, make_item
+
+GatherFn = Callable[[Tensor], Tensor]
+STATE_NAME = "trainer_state.pt"
+
+
+def read_task_files(specs: tuple[TaskFile, ...]) -> list[tuple[TaskFile, list[TaskExample]]]:
+    """Read each configured task file (first ``limit`` examples)."""
+    out = []
+    for spec in specs:
+        examples = read_tasks(spec.path, spec.format)
+        out.append((spec, examples[: spec.limit] if spec.limit else examples))
+    return out
+
+
+class ImpRAGRecipe:
+    """Joint retrieval + generation training of one ImpRAG checkpoint."""
+
+    def __init__(
+        self,
+        cfg: TrainJobConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: GatherFn | None = None,
+        log: Callable[[dict], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.gather = gather or (lambda x: x)
+        self.log = log or (lambda row: None)
+        self.output_dir = Path(cfg.output_dir)
+        self.epoch = 0
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume_from: str | os.PathLike | None = None) -> None:
+        """Load model, tokenizer, corpus, tasks, teacher labels, optimizer (and state)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        # Denormal floats (common in freshly initialised small models) make CPU kernels
+        # 10-20x slower; flushing them to zero changes nothing measurable.
+        torch.set_flush_denormal(True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        m = cfg.model
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+        path = Path(resume_from) if resume_from else Path(m.path)
+        self.model = ImpRAGModel.from_pretrained(
+            path,
+            retrieval_layer=m.retrieval_layer,
+            reader_last_layer=m.reader_last_layer,
+            max_passage_tokens=m.max_passage_tokens,
+            num_passages=m.num_passages,
+            post_rope=m.post_rope,
+            dtype=dtype,
+        )
+        self.tokenizer = load_tokenizer(m.path)
+        self.passages = read_corpus(cfg.data.corpus)
+        self.store = PassageStore(self.passages, self.tokenizer, self.model.l_max)
+        train = [ex for _, exs in read_task_files(cfg.data.train) for ex in exs]
+        if not train:
+            raise ValueError("data.train lists no examples; add at least one task file")
+        self.items = self._make_items(train)
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        if resume_from:
+            self._load_state(Path(resume_from))
+
+    @property
+    def closed_book(self) -> bool:
+        return self.cfg.train.mode == "closed_book"
+
+    def _make_items(self, examples: list[TaskExample]) -> list[Item]:
+        t = self.cfg.teacher
+        retrieval = [ex for ex in examples if ex.format in RETRIEVAL_FORMATS]
+        rankings: dict[str, list[str]] = {}
+        if retrieval and not self.closed_book:
+            teacher = build_teacher(t.kind, self.passages, t.path)
+            depth = max(t.hard_negative_ranks[1], t.num_candidates, t.num_positives, self.model.k)
+            for start in range(0, len(retrieval), 512):
+                chunk = retrieval[start : start + 512]
+                ranked = teacher.rank([ex.input for ex in chunk], depth, [ex.id for ex in chunk])
+                rankings.update({ex.id: [pid for pid, _ in r] for ex, r in zip(chunk, ranked)})
+        rng = random.Random(self.cfg.seed)
+        d = self.cfg.data
+        return [
+            make_item(
+                ex, self.tokenizer, rankings.get(ex.id),
+                k=self.model.k, num_positives=t.num_positives,
+                hard_negative_ranks=t.hard_negative_ranks, num_hard_negatives=t.num_hard_negatives,
+                num_candidates=t.num_candidates, max_prompt_tokens=d.max_prompt_tokens,
+                max_target_tokens=d.max_target_tokens, rng=rng,
+            )
+            for ex in examples
+        ]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.cfg.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.cfg.train.lr, betas=(0.9, 0.98))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        tc = self.cfg.train
+        per_rank = math.ceil(len(self.items) / self.world_size)
+        return tc.steps_per_epoch or max(1, per_rank // tc.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.epochs
+
+    def _lr_lambda(self, step: int) -> float:
+        tc = self.cfg.train
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        progress = min(1.0, (step - tc.warmup_steps) / max(1, self.total_steps - tc.warmup_steps))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # --------------------------------------------------------------- training
+    def stage(self, epoch: int) -> str:
+        """'warmup' (NCE on teacher labels) for the first warmup_epochs, then 'distill'."""
+        return "warmup" if epoch < self.cfg.train.warmup_epochs else "distill"
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches of one epoch (seeded shuffle, disjoint shards per rank)."""
+        tc = self.cfg.train
+        order = list(range(len(self.items)))
+        random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
+        order = order[self.rank :: self.world_size]
+        needed = self.steps_per_epoch * tc.batch_size
+        while len(order) < needed:  # steps_per_epoch may ask for more than one pass
+            order = order + order
+        for s in range(self.steps_per_epoch):
+            chunk = [self.items[i] for i in order[s * tc.batch_size : (s + 1) * tc.batch_size]]
+            yield collate(chunk, self.store, self.model.k, self.tokenizer.pad_token_id,
+                          with_passages=not self.closed_book)
+
+    def train_step(self, batch: Batch, stage: str) -> dict[str, float]:
+        """One optimiser step of J = J_gen + lambda * J_ret; returns scalar metrics."""
+        tc = self.cfg.train
+        self.model.train()
+        out = self.model(
+            batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
+            labels=batch.labels, query_index=batch.query_index,
+        )
+        j_gen = out.loss
+        metrics = {"j_gen": j_gen.item()}
+        loss = j_gen
+        if bool(batch.retrieval.any()) and not self.closed_book:
+            j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch, stage)
+            loss = loss + tc.lambda_ret * j_ret
+            metrics.update(ret_metrics)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics.update(loss=loss.item(), lr=self.scheduler.get_last_lr()[0])
+        return metrics
+
+    def retrieval_loss(self, queries: Tensor, batch: Batch, stage: str) -> tuple[Tensor, dict[str, float]]:
+        """Warmup NCE against every pooled passage, or self-distillation KL on candidates.
+
+        queries: [R, d] query embeddings of the retrieval rows.
+        """
+        tc = self.cfg.train
+        pool = self.model.embed_passages(batch.pool_tokens, batch.pool_mask)  # [M, d]
+        if stage == "warmup":
+            everyone = self.gather(pool)  # [M_all, d] in-batch negatives of all workers
+            scores = queries @ everyone.T  # [R, M_all]
+            positive = torch.zeros_like(scores, dtype=torch.bool)
+            offset = self.rank * pool.shape[0] if everyone.shape[0] != pool.shape[0] else 0
+            positive[:, offset : offset + pool.shape[0]] = batch.positive
+            j_ret = multi_positive_nce(scores, positive, ~positive, tc.tau_nce)
+            top1 = scores.argmax(dim=1)
+            acc = positive.gather(1, top1.unsqueeze(1)).float().mean()
+            return j_ret, {"j_ret": j_ret.item(), "nce_top1_in_positives": acc.item()}
+        cand = batch.candidates  # [R, C]
+        valid = cand >= 0
+        student = (queries.unsqueeze(1) * pool[cand.clamp_min(0)]).sum(-1)  # [R, C]
+        teacher = self.teacher_logliks(batch)  # [R, C]
+        j_ret = distillation_kl(student, teacher, valid, tc.tau_r, tc.tau_t)
+        return j_ret, {"j_ret": j_ret.item()}
+
+    @torch.no_grad()
+    def teacher_logliks(self, batch: Batch) -> Tensor:
+        """log P_LM(answer | p, q) for every candidate p, one passage at a time: [R, C]."""
+        rows = batch.retrieval.nonzero().squeeze(1)
+        cand = batch.candidates
+        r_idx, c_idx = (cand >= 0).nonzero(as_tuple=True)
+        out = torch.full(cand.shape, -1e4)
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(r_idx), 64):
+            r, c = r_idx[start : start + 64], c_idx[start : start + 64]
+            src = rows[r]
+            p_tok = batch.pool_tokens[cand[r, c]].unsqueeze(1)  # [n, 1, l_max]
+            p_mask = batch.pool_mask[cand[r, c]].unsqueeze(1)
+            res = self.model(batch.input_ids[src], batch.attention_mask[src], p_tok, p_mask)
+            out[r, c] = answer_loglik(res.logits, batch.labels[src])
+        self.model.train(was_training)
+        return out
+
+    def train_epoch(self, eval_fn: Callable[[], dict] | None = None) -> dict[str, float]:
+        """Run one epoch; logs every ``log_every`` steps; returns the mean metrics."""
+        tc = self.cfg.train
+        stage = self.stage(self.epoch)
+        sums: dict[str, float] = {}
+        start = time.time()
+        tokens = 0
+        for i, batch in enumerate(self.epoch_batches(self.epoch), 1):
+            metrics = self.train_step(batch, stage)
+            tokens += int(batch.attention_mask.sum())
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if self.step % tc.log_every == 0:
+                self.log({"epoch": self.epoch, "step": self.step, "stage": stage, **metrics,
+                          "tokens_per_s": tokens / max(time.time() - start, 1e-9)})
+            if eval_fn is not None and tc.eval_every and self.step % tc.eval_every == 0:
+                eval_fn()
+        self.epoch += 1
+        return {key: value / max(i, 1) for key, value in sums.items()}
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, split: str = "dev", *, limit: int | None = None, write: bool = True) -> dict:
+        """EM and recall@k per task file of ``data.<split>`` with the current weights.
+
+        ImpRAG mode re-encodes the corpus with the current bottom layers and retrieves
+        with the model's own query embeddings; closed-book mode reads no passages.
+        """
+        ec = self.cfg.eval
+        limit = limit or ec.limit
+        self.model.eval()
+        index = None if self.closed_book else encode_corpus(self.model, self.store)
+        top_k = ec.top_k or self.model.k
+        depth = max(top_k, *ec.recall_ks)  # retrieve deep enough for every recall@k
+        results: dict[str, dict] = {}
+        predictions: list[dict] = []
+        texts = {p.id: format_passage(p) for p in self.passages}
+        for spec, examples in read_task_files(getattr(self.cfg.data, split)):
+            examples = examples[:limit] if limit else examples
+            preds = predict(
+                self.model, self.tokenizer, self.store, examples, index=index, top_k=top_k,
+                search_depth=depth,
+                max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+                max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+            )
+            predictions.extend(preds)
+            key = Path(spec.path).stem
+            by_id = {p["id"]: p for p in preds}
+            results[key] = {"format": spec.format, **score_task(examples, by_id, texts, ec.recall_ks)}
+        if write and self.rank == 0:
+            from imprag_ray.data.io import write_json_atomic, write_jsonl_atomic
+
+            out = self.output_dir / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(out / f"{split}-predictions.jsonl", predictions)
+            write_json_atomic(out / f"{split}-metrics.json", results)
+        return results
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """HF weights + tokenizer + ImpRAG config + optimizer/scheduler state, atomically."""
+        out_dir = Path(out_dir or self.output_dir / "checkpoints" / f"epoch-{self.epoch:03d}")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            self.model.save_pretrained(tmp / "ckpt")
+            self.tokenizer.save_pretrained(tmp / "ckpt")
+            torch.save({
+                "epoch": self.epoch, "step": self.step,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }, tmp / "ckpt" / STATE_NAME)
+            (tmp / "ckpt" / "job_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp / "ckpt", out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    def _load_state(self, ckpt: Path) -> None:
+        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete ``checkpoints/epoch-*`` (temp dirs are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("epoch-*") if (p / STATE_NAME).exists()) if root.exists() else []
+    return done[-1] if done else None

@@ -1,0 +1,178 @@
+"""The synthetic world: deterministic, sized, leak-free, answerable, and a poor explicit query."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from imprag_ray.data import synth_vocab as V
+from imprag_ray.data.readers import read_corpus, read_tasks
+from imprag_ray.data.synth import split_sizes, synthesize
+from imprag_ray.data.templates import format_prompt
+from imprag_ray.eval.metrics import answer_in_text
+
+N = 400
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "world"
+    synthesize(out, seed=0, n_passages=N)
+    return out
+
+
+def _manifest(world: Path) -> dict:
+    return json.loads((world / "world.json").read_text())
+
+
+def _tasks(world: Path, split: str) -> dict[str, list]:
+    return {e["path"]: read_tasks(world / e["path"], e["format"]) for e in _manifest(world)[split]}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_per_seed(tmp_path, world):
+    synthesize(tmp_path / "a", seed=0, n_passages=N)
+    synthesize(tmp_path / "b", seed=1, n_passages=N)
+    same, other = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert same == _files(world)
+    assert same.keys() == other.keys() and same["corpus.jsonl"] != other["corpus.jsonl"]
+
+
+def test_layout_sizes_and_manifest(world):
+    m = _manifest(world)
+    assert m["seed"] == 0 and m["n_passages"] == N
+    assert [e["path"] for e in m["train"]] == [
+        "train/qa.jsonl",
+        "train/instruction.jsonl",
+        "train/corpus_text.jsonl",
+    ]
+    assert {e["path"]: e["format"] for e in m["eval"]} == {
+        "eval/qa.jsonl": "qa",
+        "eval/slot_filling.jsonl": "slot_filling",
+        "eval/fact_check.jsonl": "fact_check",
+        "eval/entity_linking.jsonl": "entity_linking",
+    }
+    assert m["entities"] == split_sizes(N) and sum(m["entities"].values()) == N
+    for path, count in m["counts"].items():
+        assert sum(1 for line in (world / path).open() if line.strip()) == count
+    assert m["counts"]["corpus.jsonl"] == N
+    for entry in m["eval"] + m["dev"]:
+        assert entry["count"] >= 20
+    assert not (world / "train" / "slot_filling.jsonl").exists()
+    corpus_text = m["counts"]["train/corpus_text.jsonl"]
+    mix = sum(e["count"] for e in m["train"])
+    assert 0.07 < corpus_text / mix < 0.13
+
+
+def test_default_sizes_scale():
+    assert split_sizes(5000) == {"train": 1500, "dev": 200, "test": 200, "distractor": 3100}
+    with pytest.raises(ValueError, match="too small"):
+        split_sizes(50)
+
+
+def test_corpus_passages(world):
+    corpus = read_corpus(world / "corpus.jsonl")
+    assert len(corpus) == N and corpus[0].id == "p00000"
+    assert len({p.title for p in corpus}) == N  # unique names
+    for p in corpus:
+        assert 20 <= len(p.text.split()) <= 50, p.text
+        assert p.title in p.text
+        assert 2 <= p.text.count(".") <= 3
+    # Small regular vocabulary: besides years and alias compounds ("Redhand" = red + hand),
+    # only a few hundred words (syllable-built names, a few value pools, template words).
+    aliases = {(h + t) for h in V.ALIAS_HEADS for t in V.ALIAS_TAILS}
+    vocab = {w for p in corpus for w in re.findall(r"[a-z]+", p.text.lower())} - aliases
+    assert len(vocab) < 300
+
+
+def test_held_out_people_never_in_train_files(world):
+    held = [
+        ex for tasks in (_tasks(world, "dev"), _tasks(world, "eval")) for exs in tasks.values() for ex in exs
+    ]
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    held_ids = {pid for ex in held for pid in ex.provenance}
+    held_names = {corpus[pid].title for pid in held_ids}
+    assert len(held_ids) == 2 * split_sizes(N)["test"]
+    for entry in _manifest(world)["train"]:
+        raw = (world / entry["path"]).read_text()
+        assert not any(name in raw for name in held_names), entry["path"]
+        assert not any(f'"{pid}"' in raw for pid in held_ids), entry["path"]
+    dev_ids = {pid for exs in _tasks(world, "dev").values() for ex in exs for pid in ex.provenance}
+    test_ids = {pid for exs in _tasks(world, "eval").values() for ex in exs for pid in ex.provenance}
+    assert not dev_ids & test_ids
+
+
+def test_unseen_formats_stay_unseen_in_training(world):
+    for entry in _manifest(world)["train"]:
+        raw = (world / entry["path"]).read_text()
+        for marker in ("[SEP]", "[START]", "[END]", "Is this statement true?", "Wikipedia page title"):
+            assert marker not in raw, (entry["path"], marker)
+
+
+def test_every_eval_answer_is_in_its_gold_passage(world):
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    for path, exs in {**_tasks(world, "dev"), **_tasks(world, "eval")}.items():
+        for ex in exs:
+            [pid] = ex.provenance
+            gold = corpus[pid]
+            if ex.format == "fact_check":
+                assert gold.title in ex.input and ex.answers[0] in ("true", "false")
+            elif ex.format == "entity_linking":
+                alias = re.search(r"\[START\] (\w+) \[END\]", ex.input).group(1)
+                assert ex.answers == (gold.title,) and alias in gold.text
+            else:
+                assert gold.title in ex.input and answer_in_text(gold.text, ex.answers), (path, ex)
+
+
+def test_fact_check_balanced(world):
+    answers = [ex.answers[0] for ex in _tasks(world, "eval")["eval/fact_check.jsonl"]]
+    assert abs(answers.count("true") - answers.count("false")) <= 1
+
+
+def test_aliases_of_test_people_are_unique(world):
+    corpus = read_corpus(world / "corpus.jsonl")
+    for ex in _tasks(world, "eval")["eval/entity_linking.jsonl"]:
+        alias = re.search(r"\[START\] (\w+) \[END\]", ex.input).group(1)
+        assert sum(re.search(rf"\b{alias}\b", p.text) is not None for p in corpus) == 1
+
+
+def test_questions_are_poor_explicit_queries(world):
+    titles = [p.title for p in read_corpus(world / "corpus.jsonl")]
+    for path, exs in {**_tasks(world, "train"), **_tasks(world, "eval")}.items():
+        if not path.endswith("qa.jsonl"):
+            continue
+        mentions = [sum(t in ex.input for t in titles) for ex in exs]
+        multi = sum(m >= 2 for m in mentions) / len(mentions)
+        assert multi > 0.5, (path, multi)
+        assert any(m >= 3 for m in mentions)
+        assert max(len(ex.input.split()) for ex in exs) > 25  # long instructions exist
+
+
+def test_instruction_and_corpus_text_shapes(world):
+    train = _tasks(world, "train")
+    instr = train["train/instruction.jsonl"]
+    assert all(format_prompt(ex) == ex.input and ex.input.endswith("A:") for ex in instr)
+    kinds = {ex.input.split(" Passage:")[0].split(".")[0] for ex in instr}
+    assert len(kinds) >= 3
+    assert any("[MASK]" in ex.input for ex in instr)
+    texts = train["train/corpus_text.jsonl"]
+    assert all(ex.input == "" and format_prompt(ex) == "" for ex in texts)
+
+
+def test_refuses_non_empty_out_dir_and_overwrites(tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        synthesize(out, n_passages=120)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    m = synthesize(out, n_passages=120, overwrite=True)
+    assert (out / "world.json").exists() and not (out / "keep.txt").exists()
+    assert m == _manifest(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]
