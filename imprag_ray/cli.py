@@ -37,6 +37,8 @@ def _add_model(sub) -> None:
     s.add_argument("--preset", default="tiny")
     s.add_argument("--corpus", required=True, type=Path)
     s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--tasks", type=Path, nargs="*", default=[],
+                   help="KILT task files whose inputs/answers also train the tokenizer")
     s.add_argument("--vocab-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_model_init)
@@ -78,13 +80,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_model_init(args) -> int:
-    from imprag_ray.data.readers import iter_corpus
-    from imprag_ray.data.templates import format_passage
-    from imprag_ray.model.checkpoint import init_checkpoint
+    from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
     from imprag_ray.model.presets import get_preset
 
     preset = get_preset(args.preset)
-    texts = (format_passage(p) for p in iter_corpus(args.corpus))
+    texts = tokenizer_texts(args.corpus, args.tasks)
     out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size)
     print(f"wrote {preset.name} checkpoint to {out}")
     return 0

@@ -149,7 +149,7 @@ def _fix_for(tp: Any, value: Any) -> str:
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
@@ -181,7 +181,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             valid = ", ".join(fields) or "(none)"
             raise ConfigError(
                 _join(path, key_text),
-                f"unknown key.{_suggest(key_text, fields)} Valid keys here: {valid}.",
+                f"unknown key{_suggest(key_text, fields)}; valid keys here: {valid}",
             )
 
     kwargs: dict[str, Any] = {}
@@ -227,7 +227,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return value
         shown = ", ".join(repr(c) for c in args)
         hint = _suggest(value, [str(c) for c in args]) if isinstance(value, str) else ""
-        raise ConfigError(key, f"expected one of {shown}, {_got(value)}.{hint}")
+        raise ConfigError(key, f"expected one of {shown}, {_got(value)}{hint}")
     if origin in (list, tuple):
         return _convert_sequence(origin, args, value, key)
     if origin is dict or origin is Mapping:

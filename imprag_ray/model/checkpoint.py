@@ -58,6 +58,25 @@ def _with_templates(texts: Iterable[str]) -> Iterable[str]:
     yield from texts
 
 
+def tokenizer_texts(corpus: str | os.PathLike, task_files: Iterable[str | os.PathLike] = ()):
+    """Texts a tokenizer should learn: every passage ("title: text") plus the inputs and
+    answers of KILT task files (questions use words the corpus never does)."""
+    import json
+
+    from imprag_ray.data.readers import iter_corpus
+    from imprag_ray.data.templates import format_passage
+
+    for passage in iter_corpus(corpus):
+        yield format_passage(passage)
+    for path in task_files:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    answers = [o.get("answer", "") for o in row.get("output", []) if isinstance(o, dict)]
+                    yield " ".join([str(row.get("input", ""))] + [str(a) for a in answers])
+
+
 def init_checkpoint(
     preset: ModelPreset,
     texts: Iterable[str],

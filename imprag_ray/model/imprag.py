@@ -42,6 +42,14 @@ IMPRAG_CONFIG_NAME = "imprag_config.json"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
+class ImpRAGConfigError(ValueError):
+    """An invalid ImpRAG setting; ``field`` names the offending :class:`ImpRAGConfig` field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
 @dataclass(frozen=True)
 class ImpRAGConfig:
     """Method hyper-parameters saved next to the HF checkpoint.
@@ -57,16 +65,20 @@ class ImpRAGConfig:
     post_rope: bool = False
 
     def check(self, num_layers: int) -> None:
-        """Raise ValueError unless 0 <= b < t < N, k > 0 and l_max > 0."""
+        """Raise :class:`ImpRAGConfigError` unless 0 <= b < t < N, k > 0 and l_max > 0."""
         b, t = self.retrieval_layer, self.reader_last_layer
         if not 0 <= b < t:
-            raise ValueError(f"retrieval_layer (b={b}) must satisfy 0 <= b < reader_last_layer (t={t})")
+            raise ImpRAGConfigError(
+                "retrieval_layer", f"b={b} must satisfy 0 <= b < reader_last_layer (t={t})"
+            )
         if t >= num_layers:
-            raise ValueError(f"reader_last_layer (t={t}) must be < the model's {num_layers} layers")
+            raise ImpRAGConfigError(
+                "reader_last_layer", f"t={t} must be < the model's {num_layers} layers; lower it"
+            )
         if self.max_passage_tokens <= 0:
-            raise ValueError(f"max_passage_tokens must be > 0, got {self.max_passage_tokens}")
+            raise ImpRAGConfigError("max_passage_tokens", f"must be > 0, got {self.max_passage_tokens}")
         if self.num_passages <= 0:
-            raise ValueError(f"num_passages must be > 0, got {self.num_passages}")
+            raise ImpRAGConfigError("num_passages", f"must be > 0, got {self.num_passages}")
 
 
 @dataclass

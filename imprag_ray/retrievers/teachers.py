@@ -24,6 +24,7 @@ from imprag_ray.data.records import DataError, Passage
 from imprag_ray.data.templates import format_passage
 
 Ranking = list[tuple[str, float]]
+LABELS_FIX = 'each line must be {"id": query id, "ranking": [passage ids, best first]}'
 
 
 class Teacher:
@@ -99,6 +100,7 @@ class LabelsTeacher(Teacher):
 
     def __init__(self, passages: Sequence[Passage], path: str):
         known = {p.id for p in passages}
+        self.path = path
         self.rankings: dict[str, list[str]] = {}
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -108,14 +110,15 @@ class LabelsTeacher(Teacher):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: invalid JSON ({err.msg}); each line must be "
-                                    '{"id": ..., "ranking": [passage ids]}') from None
-                if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("ranking"), list):
-                    raise DataError(f"{where}: field 'ranking' missing or not a list; each line must be "
-                                    '{"id": ..., "ranking": [passage ids]}')
+                    raise DataError(where, None, f"is not valid JSON ({err.msg})", LABELS_FIX) from None
+                if not isinstance(row, dict) or "id" not in row:
+                    raise DataError(where, "id", "missing", LABELS_FIX)
+                if not isinstance(row.get("ranking"), list):
+                    raise DataError(where, "ranking", "missing or not a list", LABELS_FIX)
                 unknown = [str(p) for p in row["ranking"] if str(p) not in known]
                 if unknown:
-                    raise DataError(f"{where}: field 'ranking' names passages not in the corpus: {unknown[:3]}")
+                    raise DataError(where, "ranking", f"names passages not in the corpus: {unknown[:3]}",
+                                    "use passage ids of data.corpus")
                 self.rankings[str(row["id"])] = [str(p) for p in row["ranking"]]
 
     def rank(self, queries: Sequence[str], top_n: int, query_ids: Sequence[str] = ()) -> list[Ranking]:
@@ -123,7 +126,8 @@ class LabelsTeacher(Teacher):
             raise ValueError("the labels teacher needs the query ids")
         missing = [q for q in query_ids if q not in self.rankings]
         if missing:
-            raise DataError(f"teacher labels file has no ranking for query ids {missing[:3]}")
+            raise DataError(str(self.path), None, f"has no ranking for query ids {missing[:3]}",
+                            "add a line per training example id")
         return [[(p, -float(r)) for r, p in enumerate(self.rankings[q][:top_n])] for q in query_ids]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from imprag_ray.config.loader import to_dict
+from imprag_ray.config.loader import ConfigError, to_dict
 from imprag_ray.config.schema import TaskFile, TrainJobConfig
 from imprag_ray.data.readers import read_corpus, read_tasks
 from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
@@ -35,7 +35,7 @@ from imprag_ray.data.tokenized import PassageStore
 from imprag_ray.eval.metrics import score_task
 from imprag_ray.eval.predict import encode_corpus, predict
 from imprag_ray.model.checkpoint import load_tokenizer
-from imprag_ray.model.imprag import ImpRAGModel
+from imprag_ray.model.imprag import ImpRAGConfigError, ImpRAGModel
 from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce
 from imprag_ray.retrievers.teachers import build_teacher
 from imprag_ray.train.batching import Batch, Item, collate, make_item
@@ -86,15 +86,18 @@ class ImpRAGRecipe:
         m = cfg.model
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         path = Path(resume_from) if resume_from else Path(m.path)
-        self.model = ImpRAGModel.from_pretrained(
-            path,
-            retrieval_layer=m.retrieval_layer,
-            reader_last_layer=m.reader_last_layer,
-            max_passage_tokens=m.max_passage_tokens,
-            num_passages=m.num_passages,
-            post_rope=m.post_rope,
-            dtype=dtype,
-        )
+        try:
+            self.model = ImpRAGModel.from_pretrained(
+                path,
+                retrieval_layer=m.retrieval_layer,
+                reader_last_layer=m.reader_last_layer,
+                max_passage_tokens=m.max_passage_tokens,
+                num_passages=m.num_passages,
+                post_rope=m.post_rope,
+                dtype=dtype,
+            )
+        except ImpRAGConfigError as err:
+            raise ConfigError(f"model.{err.field}", str(err).split(": ", 1)[1]) from None
         self.tokenizer = load_tokenizer(m.path)
         self.passages = read_corpus(cfg.data.corpus)
         self.store = PassageStore(self.passages, self.tokenizer, self.model.l_max)
