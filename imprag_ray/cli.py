@@ -48,6 +48,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="joint retrieval-generation training")
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--json", type=Path, default=None, help="write the final eval metrics here")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(func=cmd_train)
 
@@ -106,6 +107,10 @@ def cmd_train(args) -> int:
     cfg = load_train_config(args.config, args.overrides)
     final = train_local(cfg, resume=args.resume)
     print(json.dumps(final, indent=2))
+    if args.json:
+        from imprag_ray.data.io import write_json_atomic
+
+        write_json_atomic(args.json, final)
     return 0
 
 

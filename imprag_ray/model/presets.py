@@ -30,6 +30,7 @@ class ModelPreset:
     rope_theta: float = 500000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
 
     def hf_config(self, vocab_size: int | None = None, **special_ids: int):
         """A transformers ``LlamaConfig`` of this shape (vocab from the tokenizer if given)."""
@@ -50,6 +51,7 @@ class ModelPreset:
             rope_parameters=rope,
             tie_word_embeddings=self.tie_word_embeddings,
             rms_norm_eps=1e-5,
+            initializer_range=self.initializer_range,
             **special_ids,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ class Item:
     positives: list[str]
     hard_negatives: list[str]
     candidates: list[str]
+    near: list[str] = field(default_factory=list)  # teacher ranks < hard-negative range start
 
     @property
     def retrieval(self) -> bool:
@@ -70,6 +71,7 @@ def make_item(
         positives=list(ranking[:num_positives]),
         hard_negatives=hard,
         candidates=list(ranking[:num_candidates]),
+        near=list(ranking[:lo]),
     )
 
 
@@ -79,10 +81,11 @@ class Batch:
 
     input_ids/attention_mask/labels: [B, L] (prompt + target, labels -100 on the prompt);
     query_index: [B] last prompt token; passage_ids/passage_mask: [B, k, l_max] context;
-    retrieval: [B] bool; pool_ids: passage ids of the step's passage pool (positives,
-    hard negatives and candidates of all retrieval rows, deduplicated) with tokens
-    pool_tokens/pool_mask [M, l_max]; positive: [R, M] bool for the R retrieval rows;
-    candidates: [R, C] indices into the pool (-1 = none).
+    retrieval: [B] bool; pool_ids: passage ids of the step's passage pool, deduplicated
+    (warmup: positives + hard negatives of all retrieval rows; distill: candidates) with
+    tokens pool_tokens/pool_mask [M, l_max]; positive / negative: [R, M] bool for the R
+    retrieval rows (a passage the teacher ranks above the hard-negative range is neither:
+    it may well be relevant); candidates: [R, C] indices into the pool (-1 = none).
     """
 
     input_ids: Tensor
@@ -97,11 +100,19 @@ class Batch:
     pool_tokens: Tensor
     pool_mask: Tensor
     positive: Tensor
+    negative: Tensor
     candidates: Tensor
 
 
-def collate(items: Sequence[Item], store: PassageStore, k: int, pad_id: int, with_passages: bool) -> Batch:
-    """Right-pad a list of items into a :class:`Batch`."""
+def collate(
+    items: Sequence[Item],
+    store: PassageStore,
+    k: int,
+    pad_id: int,
+    with_passages: bool,
+    stage: str = "warmup",
+) -> Batch:
+    """Right-pad a list of items into a :class:`Batch` for ``stage`` (warmup / distill)."""
     bsz = len(items)
     length = max(len(it.prompt) + len(it.target) for it in items)
     input_ids = torch.full((bsz, length), pad_id, dtype=torch.long)
@@ -125,17 +136,20 @@ def collate(items: Sequence[Item], store: PassageStore, k: int, pad_id: int, wit
     rows = [it for it, r in zip(items, retrieval.tolist()) if r]
     pool: dict[str, int] = {}
     for it in rows:
-        for pid in it.positives + it.hard_negatives + it.candidates:
+        for pid in it.positives + it.hard_negatives if stage == "warmup" else it.candidates:
             pool.setdefault(pid, len(pool))
     pool_ids = list(pool)
     pool_tokens, pool_mask = store.tensor(pool_ids)
     positive = torch.zeros(len(rows), len(pool_ids), dtype=torch.bool)
+    negative = torch.ones(len(rows), len(pool_ids), dtype=torch.bool)
     n_cand = max((len(it.candidates) for it in rows), default=0)
     candidates = torch.full((len(rows), n_cand), -1, dtype=torch.long)
     for r, it in enumerate(rows):
-        positive[r, [pool[p] for p in it.positives]] = True
-        candidates[r, : len(it.candidates)] = torch.tensor([pool[p] for p in it.candidates], dtype=torch.long)
+        positive[r, [pool[p] for p in it.positives if p in pool]] = True
+        negative[r, [pool[p] for p in set(it.near + it.positives) if p in pool]] = False
+        if stage != "warmup":
+            candidates[r, : len(it.candidates)] = torch.tensor([pool[p] for p in it.candidates])
     return Batch(
         input_ids, mask, labels, query_index, passage_ids, passage_mask, retrieval, list(items),
-        pool_ids, pool_tokens, pool_mask, positive, candidates,
+        pool_ids, pool_tokens, pool_mask, positive, negative, candidates,
     )

@@ -182,7 +182,7 @@ class ImpRAGRecipe:
         for s in range(self.steps_per_epoch):
             chunk = [self.items[i] for i in order[s * tc.batch_size : (s + 1) * tc.batch_size]]
             yield collate(chunk, self.store, self.model.k, self.tokenizer.pad_token_id,
-                          with_passages=not self.closed_book)
+                          with_passages=not self.closed_book, stage=self.stage(epoch))
 
     def train_step(self, batch: Batch, stage: str) -> dict[str, float]:
         """One optimiser step of J = J_gen + lambda * J_ret; returns scalar metrics."""
@@ -219,9 +219,11 @@ class ImpRAGRecipe:
             everyone = self.gather(pool)  # [M_all, d] in-batch negatives of all workers
             scores = queries @ everyone.T  # [R, M_all]
             positive = torch.zeros_like(scores, dtype=torch.bool)
+            negative = torch.ones_like(scores, dtype=torch.bool)  # other workers' passages
             offset = self.rank * pool.shape[0] if everyone.shape[0] != pool.shape[0] else 0
             positive[:, offset : offset + pool.shape[0]] = batch.positive
-            j_ret = multi_positive_nce(scores, positive, ~positive, tc.tau_nce)
+            negative[:, offset : offset + pool.shape[0]] = batch.negative
+            j_ret = multi_positive_nce(scores, positive, negative, tc.tau_nce)
             top1 = scores.argmax(dim=1)
             acc = positive.gather(1, top1.unsqueeze(1)).float().mean()
             return j_ret, {"j_ret": j_ret.item(), "nce_top1_in_positives": acc.item()}
