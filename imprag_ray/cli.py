@@ -4,6 +4,7 @@
     imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--seed N]
     imprag train --config jobs/X.yaml [key.sub=value ...] [--resume]
     imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
+    imprag demo [--json OUT] [key.sub=value ...]
 
 User mistakes (bad config, bad data, bad arguments) print one clear line and exit 2;
 no traceback.
@@ -64,10 +65,17 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo on the tiny model (ImpRAG vs closed book)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="key.sub=value applied to both training jobs")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_data, _add_model, _add_train, _add_eval):
+    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo):
         add(sub)
     return parser
 
@@ -124,6 +132,13 @@ def cmd_eval(args) -> int:
     ks = tuple(int(k) for k in args.ks.split(","))
     result = evaluate(args.predictions, specs, corpus_path=args.corpus, ks=ks, out_path=args.json)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from imprag_ray.demo import run_demo
+
+    run_demo(args.json, args.overrides)
     return 0
 
 
