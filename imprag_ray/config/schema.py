@@ -23,7 +23,7 @@ from typing import Literal
 from imprag_ray.config.loader import ConfigError
 
 RETRIEVAL_FORMATS = ("qa", "fact_check", "slot_filling", "entity_linking")
-ALL_FORMATS = RETRIEVAL_FORMATS + ("instruction", "corpus_text")
+ALL_FORMATS = (*RETRIEVAL_FORMATS, "instruction", "corpus_text")
 
 
 @dataclass(frozen=True)

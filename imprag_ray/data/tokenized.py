@@ -20,7 +20,7 @@ class PassageStore:
         self.l_max = l_max
         texts = [format_passage(p) for p in passages]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        self.tokens = {pid: tok[:l_max] for pid, tok in zip(self.order, ids)}
+        self.tokens = {pid: tok[:l_max] for pid, tok in zip(self.order, ids, strict=False)}
 
     def __len__(self) -> int:
         return len(self.order)

@@ -127,7 +127,7 @@ def generate(
         )
         cache = [
             LayerKV(torch.cat([c.keys, n_.keys], 2), torch.cat([c.values, n_.values], 2))
-            for c, n_ in zip(cache, new_kv)
+            for c, n_ in zip(cache, new_kv, strict=False)
         ]
         cache_valid = torch.cat([cache_valid, new_valid], dim=1)
         logits = model.lm_logits(x[:, 0])

@@ -80,8 +80,12 @@ def distillation_kl(
         student_scores: [B, C] retrieval scores s(q, p) (gradient flows here).
         teacher_logliks: [B, C] log P_LM(answer | p, q); detached here (stop-gradient).
         mask: [B, C] bool, real candidates.
-    Returns: mean over queries of the KL divergence.
+    Returns: mean over queries (with >= 1 candidate) of the KL divergence.
     """
+    rows = mask.any(dim=1)
+    if not bool(rows.any()):
+        return student_scores.sum() * 0.0
+    student_scores, teacher_logliks, mask = student_scores[rows], teacher_logliks[rows], mask[rows]
     teacher = (teacher_logliks.detach().float() / tau_t).masked_fill(~mask, NEG_INF)
     student = (student_scores.float() / tau_r).masked_fill(~mask, NEG_INF)
     log_t = teacher.log_softmax(dim=1)

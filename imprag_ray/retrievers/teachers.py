@@ -52,8 +52,8 @@ class BM25Teacher(Teacher):
         tokens = bm25s.tokenize(list(queries), show_progress=False)
         docs, scores = self.retriever.retrieve(tokens, k=top_n, show_progress=False, n_threads=1)
         return [
-            [(self.ids[int(d)], float(s)) for d, s in zip(row_d, row_s)]
-            for row_d, row_s in zip(docs, scores)
+            [(self.ids[int(d)], float(s)) for d, s in zip(row_d, row_s, strict=False)]
+            for row_d, row_s in zip(docs, scores, strict=False)
         ]
 
 

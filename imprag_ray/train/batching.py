@@ -58,7 +58,7 @@ def make_item(
         prompt_text, target_text = format_prompt(example), format_target(example.answers[0])
     prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens)
     target = tokenizer(target_text, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
-    target = target + [tokenizer.eos_token_id]
+    target = [*target, tokenizer.eos_token_id]
     if example.format not in RETRIEVAL_FORMATS or not ranking:
         return Item(prompt, target, [], [], [], [])
     lo, hi = hard_negative_ranks
@@ -102,6 +102,7 @@ class Batch:
     positive: Tensor
     negative: Tensor
     candidates: Tensor
+    stage: str = "warmup"
 
 
 def collate(
@@ -133,7 +134,7 @@ def collate(
             if it.context:
                 tok, m = store.tensor(it.context[:k])
                 passage_ids[i, : len(tok)], passage_mask[i, : len(tok)] = tok, m
-    rows = [it for it, r in zip(items, retrieval.tolist()) if r]
+    rows = [it for it, r in zip(items, retrieval.tolist(), strict=False) if r]
     pool: dict[str, int] = {}
     for it in rows:
         for pid in it.positives + it.hard_negatives if stage == "warmup" else it.candidates:
@@ -151,5 +152,5 @@ def collate(
             candidates[r, : len(it.candidates)] = torch.tensor([pool[p] for p in it.candidates])
     return Batch(
         input_ids, mask, labels, query_index, passage_ids, passage_mask, retrieval, list(items),
-        pool_ids, pool_tokens, pool_mask, positive, negative, candidates,
+        pool_ids, pool_tokens, pool_mask, positive, negative, candidates, stage,
     )

@@ -40,7 +40,9 @@ from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positi
 from imprag_ray.retrievers.teachers import build_teacher
 from imprag_ray.train.batching import Batch, Item, collate, make_item
 
-GatherFn = Callable[[Tensor], Tensor]
+# gather(local [M, d]) -> (all workers' passages [M_all, d], offset of the local rows in it);
+# the local rows must keep their gradient (Ray Train's all-gather does so for its own rank).
+GatherFn = Callable[[Tensor], tuple[Tensor, int]]
 STATE_NAME = "trainer_state.pt"
 
 
@@ -67,7 +69,7 @@ class ImpRAGRecipe:
     ):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.gather = gather or (lambda x: x)
+        self.gather = gather or (lambda x: (x, 0))
         self.log = log or (lambda row: None)
         self.output_dir = Path(cfg.output_dir)
         self.epoch = 0
@@ -124,7 +126,7 @@ class ImpRAGRecipe:
             for start in range(0, len(retrieval), 512):
                 chunk = retrieval[start : start + 512]
                 ranked = teacher.rank([ex.input for ex in chunk], depth, [ex.id for ex in chunk])
-                rankings.update({ex.id: [pid for pid, _ in r] for ex, r in zip(chunk, ranked)})
+                rankings.update({ex.id: [pid for pid, _ in r] for ex, r in zip(chunk, ranked, strict=False)})
         rng = random.Random(self.cfg.seed)
         d = self.cfg.data
         return [
@@ -184,8 +186,9 @@ class ImpRAGRecipe:
             yield collate(chunk, self.store, self.model.k, self.tokenizer.pad_token_id,
                           with_passages=not self.closed_book, stage=self.stage(epoch))
 
-    def train_step(self, batch: Batch, stage: str) -> dict[str, float]:
-        """One optimiser step of J = J_gen + lambda * J_ret; returns scalar metrics."""
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step of J = J_gen + lambda * J_ret (J_ret of ``batch.stage``);
+        returns scalar metrics."""
         tc = self.cfg.train
         self.model.train()
         out = self.model(
@@ -196,7 +199,7 @@ class ImpRAGRecipe:
         metrics = {"j_gen": j_gen.item()}
         loss = j_gen
         if bool(batch.retrieval.any()) and not self.closed_book:
-            j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch, stage)
+            j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch)
             loss = loss + tc.lambda_ret * j_ret
             metrics.update(ret_metrics)
         self.optimizer.zero_grad(set_to_none=True)
@@ -208,19 +211,18 @@ class ImpRAGRecipe:
         metrics.update(loss=loss.item(), lr=self.scheduler.get_last_lr()[0])
         return metrics
 
-    def retrieval_loss(self, queries: Tensor, batch: Batch, stage: str) -> tuple[Tensor, dict[str, float]]:
+    def retrieval_loss(self, queries: Tensor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Warmup NCE against every pooled passage, or self-distillation KL on candidates.
 
         queries: [R, d] query embeddings of the retrieval rows.
         """
         tc = self.cfg.train
         pool = self.model.embed_passages(batch.pool_tokens, batch.pool_mask)  # [M, d]
-        if stage == "warmup":
-            everyone = self.gather(pool)  # [M_all, d] in-batch negatives of all workers
+        if batch.stage == "warmup":
+            everyone, offset = self.gather(pool)  # [M_all, d]: in-batch negatives of all workers
             scores = queries @ everyone.T  # [R, M_all]
             positive = torch.zeros_like(scores, dtype=torch.bool)
             negative = torch.ones_like(scores, dtype=torch.bool)  # other workers' passages
-            offset = self.rank * pool.shape[0] if everyone.shape[0] != pool.shape[0] else 0
             positive[:, offset : offset + pool.shape[0]] = batch.positive
             negative[:, offset : offset + pool.shape[0]] = batch.negative
             j_ret = multi_positive_nce(scores, positive, negative, tc.tau_nce)
@@ -260,8 +262,10 @@ class ImpRAGRecipe:
         sums: dict[str, float] = {}
         start = time.time()
         tokens = 0
-        for i, batch in enumerate(self.epoch_batches(self.epoch), 1):
-            metrics = self.train_step(batch, stage)
+        steps = 0
+        for batch in self.epoch_batches(self.epoch):
+            metrics = self.train_step(batch)
+            steps += 1
             tokens += int(batch.attention_mask.sum())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -271,7 +275,7 @@ class ImpRAGRecipe:
             if eval_fn is not None and tc.eval_every and self.step % tc.eval_every == 0:
                 eval_fn()
         self.epoch += 1
-        return {key: value / max(i, 1) for key, value in sums.items()}
+        return {key: value / max(steps, 1) for key, value in sums.items()}
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "dev", *, limit: int | None = None, write: bool = True) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imprag_ray.model.generation import select_next
-from tests.model.test_imprag_exact import L_MAX, PASSAGE_LENS, PROMPT_LENS, make_batch, wrap
+from tests.model.test_imprag_exact import PASSAGE_LENS, PROMPT_LENS, make_batch, wrap
 
 
 def uncached_greedy(model, ids, mask, p_ids, p_mask, steps, eos=None):

@@ -69,3 +69,12 @@ def test_answer_loglik_sums_label_token_logprobs():
     logp = logits.log_softmax(-1)
     expected = torch.stack([logp[0, 1, 3] + logp[0, 2, 1], logp[1, 0, 2]])
     assert torch.allclose(answer_loglik(logits, labels), expected, atol=1e-6)
+
+
+def test_distillation_kl_ignores_queries_without_candidates():
+    s = torch.tensor([[1.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [False, False]])
+    loss = distillation_kl(s, torch.tensor([[0.0, -1.0], [0.0, 0.0]]), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert s.grad[1].abs().sum() == 0

@@ -32,7 +32,7 @@ def test_labels_teacher_reads_rankings_and_reports_bad_lines(tmp_path):
         teacher.rank(["x"], 5, ["q9"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q1", "ranking": ["p7"]}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: .*'ranking' names passages not in the corpus"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: .*'ranking' names passages not in the corpus"):
         build_teacher("labels", PASSAGES, bad)
 
 
@@ -41,7 +41,7 @@ def test_dense_teacher_from_a_local_encoder(tmp_path):
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     words = sorted({w for p in PASSAGES for w in (p.title + " " + p.text).replace(".", "").split()})
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words + ["?"])}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, "?"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
@@ -53,7 +53,7 @@ def test_dense_teacher_from_a_local_encoder(tmp_path):
     # a query identical to a passage's text must rank that passage first (cosine = 1)
     ranked = teacher.rank(["Velbri Naros: Velbri Naros lived by the river Jormor as a tanner."], 2)
     assert ranked[0][0][0] == "p2" and ranked[0][0][1] == pytest.approx(1.0, abs=1e-4)
-    with pytest.raises(FileNotFoundError, match="teacher.path"):
+    with pytest.raises(FileNotFoundError, match=r"teacher\.path"):
         build_teacher("dense", PASSAGES, tmp_path / "missing")
 
 

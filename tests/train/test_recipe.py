@@ -21,13 +21,16 @@ def test_both_stages_train_every_part_of_the_model(tiny_world, tmp_path):
     recipe = ImpRAGRecipe(_cfg(tiny_world, tmp_path))
     recipe.setup()
     batch = next(recipe.epoch_batches(0))
+    assert batch.stage == "warmup" and recipe.stage(1) == "distill"
     assert bool(batch.retrieval.any()) and not bool(batch.retrieval.all())  # mixed batch
     before = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
-    warm = recipe.train_step(batch, "warmup")
+    warm = recipe.train_step(batch)
     assert {"j_gen", "j_ret", "loss"} <= warm.keys()
     assert warm["loss"] == pytest.approx(warm["j_gen"] + warm["j_ret"], rel=1e-5)
-    distill = recipe.train_step(batch, "distill")
-    assert distill["j_ret"] >= 0.0
+    distill_batch = next(recipe.epoch_batches(1))
+    assert distill_batch.stage == "distill" and bool((distill_batch.candidates >= 0).any())
+    distill = recipe.train_step(distill_batch)
+    assert distill["j_ret"] >= 0.0 and distill["loss"] == distill["loss"]  # finite, not NaN
     changed = [n for n, p in recipe.model.named_parameters() if not torch.equal(before[n], p)]
     assert len(changed) == len(before)
 
@@ -35,7 +38,7 @@ def test_both_stages_train_every_part_of_the_model(tiny_world, tmp_path):
 def test_teacher_logliks_match_single_passage_forward(tiny_world, tmp_path):
     recipe = ImpRAGRecipe(_cfg(tiny_world, tmp_path))
     recipe.setup()
-    batch = next(recipe.epoch_batches(0))
+    batch = next(recipe.epoch_batches(1))  # a self-distillation batch
     logliks = recipe.teacher_logliks(batch)
     row = int(batch.retrieval.nonzero()[0])
     cand = int(batch.candidates[0, 1])
@@ -68,7 +71,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_world, tmp_path):
     wa = load_file(tmp_path / "a/run/checkpoints/epoch-002/model.safetensors")
     wb = load_file(tmp_path / "b/run/checkpoints/epoch-002/model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    rows = [json.loads(line) for line in open(tmp_path / "b/run/metrics.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("resumed_from", "") and r["resumed_from"].endswith("epoch-001") for r in rows)
     assert not list((tmp_path / "b/run/checkpoints").glob(".*tmp*"))
 
@@ -78,7 +81,7 @@ def test_closed_book_mode_reads_no_passages(tiny_world, tmp_path):
     recipe.setup()
     batch = next(recipe.epoch_batches(0))
     assert batch.passage_ids is None and not bool(batch.retrieval.any())
-    metrics = recipe.train_step(batch, "warmup")
+    metrics = recipe.train_step(batch)
     assert "j_ret" not in metrics
     result = recipe.evaluate("eval", limit=4, write=False)
     assert all(r["recall@1"] == 0.0 for r in result.values())
@@ -89,7 +92,22 @@ def test_evaluate_writes_predictions_with_retrieved_ids(tiny_world, tmp_path):
     recipe.setup()
     result = recipe.evaluate("eval", limit=5)
     assert set(result) == {"qa", "slot_filling", "fact_check", "entity_linking"}
-    preds = [json.loads(line) for line in open(tmp_path / "run/eval/eval-predictions.jsonl")]
+    preds = [json.loads(line) for line in (tmp_path / "run/eval/eval-predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 20 and all(len(p["retrieved"]) == 10 for p in preds)
     scores = preds[0]["scores"]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_gather_hook_adds_other_workers_passages_as_negatives(tiny_world, tmp_path):
+    recipe = ImpRAGRecipe(_cfg(tiny_world, tmp_path))
+    recipe.setup()
+    batch = next(recipe.epoch_batches(0))
+    with torch.no_grad():
+        out = recipe.model(batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
+                           query_index=batch.query_index)
+        queries = out.query_embedding[batch.retrieval]
+        alone, _ = recipe.retrieval_loss(queries, batch)
+        foreign = torch.randn(5, queries.shape[1])
+        recipe.gather = lambda local: (torch.cat([foreign, local]), 5)  # this worker is second
+        gathered, _ = recipe.retrieval_loss(queries, batch)
+    assert gathered.item() > alone.item()

@@ -1,0 +1,52 @@
+"""Checkpoint creation (tokenizer + random model), content hash, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imprag_ray.model import ImpRAGModel
+from imprag_ray.model.checkpoint import checkpoint_hash, init_checkpoint, load_tokenizer
+from imprag_ray.model.presets import get_preset, llama3_1_8b, llama3_2_3b, llama_like
+
+TEXTS = ["Elfen Arkra: Born in Caselva in 1797, Elfen Arkra was a painter."] * 20
+
+
+def _init(tmp_path, name="ckpt"):
+    shape = llama_like(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                       num_kv_heads=1, head_dim=16, retrieval_layer=0, reader_last_layer=1)
+    return init_checkpoint(shape, TEXTS, tmp_path / name, vocab_size=300)
+
+
+def test_init_writes_a_loadable_checkpoint_with_tokenizer(tmp_path):
+    path = _init(tmp_path)
+    model = ImpRAGModel.from_pretrained(path)
+    tok = load_tokenizer(path)
+    assert (model.b, model.t) == (0, 1) and model.lm.config.vocab_size == len(tok)
+    assert tok.padding_side == "right" and tok.convert_tokens_to_ids("[SEP]") != tok.unk_token_id
+    text = "Q: Where was Elfen Arkra born? A: Caselva"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
+    with pytest.raises(FileExistsError, match="not empty"):
+        _init(tmp_path)
+
+
+def test_checkpoint_hash_follows_the_weights(tmp_path):
+    path = _init(tmp_path)
+    first = checkpoint_hash(path)
+    assert first == checkpoint_hash(path)
+    model = ImpRAGModel.from_pretrained(path)
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight[0, 0] += 1.0
+    model.save_pretrained(tmp_path / "changed")
+    assert checkpoint_hash(tmp_path / "changed") != first
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        checkpoint_hash(tmp_path)
+
+
+def test_paper_presets_have_the_paper_layer_split():
+    p3, p8 = llama3_2_3b(), llama3_1_8b()
+    assert (p3.num_layers, p3.retrieval_layer, p3.reader_last_layer) == (28, 7, 19)
+    assert (p8.num_layers, p8.retrieval_layer, p8.reader_last_layer) == (32, 7, 23)
+    assert p3.num_kv_heads * p3.head_dim == 1024 == p8.num_kv_heads * p8.head_dim  # embedding dim
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_preset("llama-70b")
