@@ -13,13 +13,13 @@ Every teacher answers ``rank(queries, top_n) -> list of ranked (passage_id, scor
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from imprag_ray.data.io import iter_rows
 from imprag_ray.data.records import DataError, Passage
 from imprag_ray.data.templates import format_passage
 
@@ -102,24 +102,16 @@ class LabelsTeacher(Teacher):
         known = {p.id for p in passages}
         self.path = path
         self.rankings: dict[str, list[str]] = {}
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(where, None, f"is not valid JSON ({err.msg})", LABELS_FIX) from None
-                if not isinstance(row, dict) or "id" not in row:
-                    raise DataError(where, "id", "missing", LABELS_FIX)
-                if not isinstance(row.get("ranking"), list):
-                    raise DataError(where, "ranking", "missing or not a list", LABELS_FIX)
-                unknown = [str(p) for p in row["ranking"] if str(p) not in known]
-                if unknown:
-                    raise DataError(where, "ranking", f"names passages not in the corpus: {unknown[:3]}",
-                                    "use passage ids of data.corpus")
-                self.rankings[str(row["id"])] = [str(p) for p in row["ranking"]]
+        for where, row in iter_rows(path, LABELS_FIX):  # JSONL or Parquet
+            if "id" not in row:
+                raise DataError(where, "id", "missing", LABELS_FIX)
+            if not isinstance(row.get("ranking"), list):
+                raise DataError(where, "ranking", "missing or not a list", LABELS_FIX)
+            unknown = [str(p) for p in row["ranking"] if str(p) not in known]
+            if unknown:
+                raise DataError(where, "ranking", f"names passages not in the corpus: {unknown[:3]}",
+                                "use passage ids of data.corpus")
+            self.rankings[str(row["id"])] = [str(p) for p in row["ranking"]]
 
     def rank(self, queries: Sequence[str], top_n: int, query_ids: Sequence[str] = ()) -> list[Ranking]:
         if len(query_ids) != len(queries):
