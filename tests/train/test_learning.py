@@ -83,5 +83,5 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
     # generation: answers of held-out entities are far likelier than before training, and
     # likelier when the gold passage is read than without it (only the corpus has them)
     assert nll_gold < nll_before - 3.0
-    assert nll_gold < nll_closed - 0.1
+    assert nll_gold < nll_closed - 1.0
     assert qa1["em"] >= qa0["em"]
