@@ -1,0 +1,167 @@
+"""On-disk passage indexes with a manifest naming the checkpoint they were built with.
+
+An index of layer-b passage embeddings is only meaningful for the bottom-layer weights
+that produced it (DESIGN §2): a query embedding from other weights lives in another
+space and search silently returns garbage. So every index directory carries
+``manifest.json`` (checkpoint content hash, b, pre/post-RoPE, dim, count, FAISS factory
+string, corpus fingerprint) and :meth:`PassageIndex.load` refuses a checkpoint whose
+hash differs.
+
+Layout of an index directory (written atomically: temp dir, then rename)::
+
+    index.faiss     the FAISS index (inner product)
+    ids.json        passage ids in index order
+    manifest.json   IndexManifest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_VERSION = 1
+
+
+class IndexMismatchError(ValueError):
+    """The index was built by other bottom-layer weights (or settings) than the model."""
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    checkpoint_hash: str
+    retrieval_layer: int  # b
+    post_rope: bool
+    dim: int
+    count: int
+    index_type: str  # FAISS factory string, e.g. "Flat", "IVF1024,PQ64", "HNSW32"
+    corpus_fingerprint: str
+    version: int = MANIFEST_VERSION
+
+
+def corpus_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the corpus file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+class PassageIndex:
+    """A FAISS inner-product index over passage embeddings + ids + manifest."""
+
+    def __init__(self, index, ids: Sequence[str], manifest: IndexManifest):
+        if index.ntotal != len(ids):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+        self.index, self.ids, self.manifest = index, list(ids), manifest
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(
+        cls,
+        shards: Iterable[tuple[Sequence[str], np.ndarray]],
+        *,
+        dim: int,
+        index_type: str,
+        train_sample: np.ndarray | None,
+        manifest_fields: dict,
+    ) -> PassageIndex:
+        """Build from embedding shards ``(ids, [n, dim] float32)`` added one at a time.
+
+        Index types that need training (IVF, PQ) are trained on ``train_sample`` first.
+        """
+        faiss = _faiss()
+        try:
+            index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            raise ValueError(
+                f"index.type {index_type!r} is not a valid FAISS factory string "
+                "(e.g. 'Flat', 'IVF1024,PQ64', 'HNSW32')"
+            ) from err
+        if not index.is_trained:
+            if train_sample is None or len(train_sample) == 0:
+                raise ValueError(f"index.type {index_type!r} needs training vectors (a corpus sample)")
+            index.train(np.ascontiguousarray(train_sample, dtype=np.float32))
+        ids: list[str] = []
+        for shard_ids, emb in shards:
+            if emb.shape != (len(shard_ids), dim):
+                raise ValueError(f"shard of {len(shard_ids)} ids has embeddings {emb.shape}, expected [n, {dim}]")
+            index.add(np.ascontiguousarray(emb, dtype=np.float32))
+            ids.extend(shard_ids)
+        manifest = IndexManifest(dim=dim, count=len(ids), index_type=index_type, **manifest_fields)
+        return cls(index, ids, manifest)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k passage ids per query (best first) and their scores [Q, k]."""
+        k = min(k, len(self.ids))
+        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return [[self.ids[j] for j in row if j >= 0] for row in idx], scores
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write index, ids and manifest atomically (temp dir next to ``out_dir``, rename)."""
+        faiss = _faiss()
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            (tmp / "ids.json").write_text(json.dumps(self.ids))
+            (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2))
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    @classmethod
+    def load(
+        cls,
+        index_dir: str | os.PathLike,
+        *,
+        checkpoint_hash: str,
+        retrieval_layer: int | None = None,
+        post_rope: bool | None = None,
+    ) -> PassageIndex:
+        """Load an index, refusing one built with another checkpoint or embedding setting."""
+        index_dir = Path(index_dir)
+        manifest_path = index_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{index_dir}: no manifest.json; rebuild the index with `imprag index build`")
+        manifest = IndexManifest(**json.loads(manifest_path.read_text()))
+        if manifest.checkpoint_hash != checkpoint_hash:
+            raise IndexMismatchError(
+                f"{index_dir} was built with checkpoint {manifest.checkpoint_hash[:12]}, but the model "
+                f"is checkpoint {checkpoint_hash[:12]}: its passage embeddings come from other "
+                "bottom-layer weights and search would be silently wrong; rebuild the index for "
+                "this checkpoint or load the checkpoint the index was built with"
+            )
+        for key, want in (("retrieval_layer", retrieval_layer), ("post_rope", post_rope)):
+            if want is not None and getattr(manifest, key) != want:
+                raise IndexMismatchError(
+                    f"{index_dir} was built with {key}={getattr(manifest, key)} but the model uses "
+                    f"{key}={want}; rebuild the index with the model's settings"
+                )
+        index = _faiss().read_index(str(index_dir / "index.faiss"))
+        ids = json.loads((index_dir / "ids.json").read_text())
+        return cls(index, ids, manifest)
