@@ -24,7 +24,7 @@ def test_flat_index_from_shards_equals_brute_force():
     emb, ids, shards = _shards()
     index = PassageIndex.build(shards, dim=DIM, index_type="Flat", train_sample=None, manifest_fields=FIELDS)
     queries = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
-    got, scores = index.search(queries, 3)
+    got, _ = index.search(queries, 3)
     best = np.argsort(-(queries @ emb.T), axis=1)[:, :3]
     assert got == [[ids[j] for j in row] for row in best]
     assert index.manifest.count == 600 and index.manifest.dim == DIM
@@ -59,11 +59,11 @@ def test_save_load_round_trip_and_checkpoint_refusal(tmp_path):
     loaded = PassageIndex.load(tmp_path / "idx", checkpoint_hash="a" * 64, retrieval_layer=2, post_rope=False)
     assert loaded.ids == ids and loaded.manifest == index.manifest
     assert loaded.search(emb[:7], 4)[0] == index.search(emb[:7], 4)[0]
-    with pytest.raises(IndexMismatchError, match="built with checkpoint aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+    with pytest.raises(IndexMismatchError, match=r"built with checkpoint aaaaaaaaaaaa.*bbbbbbbbbbbb"):
         PassageIndex.load(tmp_path / "idx", checkpoint_hash="b" * 64)
     with pytest.raises(IndexMismatchError, match="retrieval_layer=2 but the model uses retrieval_layer=3"):
         PassageIndex.load(tmp_path / "idx", checkpoint_hash="a" * 64, retrieval_layer=3)
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):
         PassageIndex.load(tmp_path, checkpoint_hash="a" * 64)
 
 
