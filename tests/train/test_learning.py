@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import torch
 import yaml
 
@@ -62,6 +63,7 @@ def answer_nll(recipe, split_file, with_gold_passage):
     return out.loss.item()
 
 
+@pytest.mark.timeout(1200)  # ~3 min on an idle 2-core box; more on a busy one
 def test_joint_training_learns_to_retrieve_and_read(tmp_path):
     recipe = ImpRAGRecipe(_world(tmp_path))
     recipe.setup()
