@@ -73,6 +73,7 @@ class DataConfig:
     eval: tuple[TaskFile, ...] = ()
     max_prompt_tokens: int = 128
     max_target_tokens: int = 48
+    shuffle_context: bool = True  # random order of the teacher's top-k in the reader's context
 
     def validate(self) -> None:
         for key in ("max_prompt_tokens", "max_target_tokens"):

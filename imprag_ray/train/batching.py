@@ -50,8 +50,14 @@ def make_item(
     max_prompt_tokens: int,
     max_target_tokens: int,
     rng: random.Random,
+    shuffle_context: bool = False,
 ) -> Item:
-    """Tokenise one example; ``ranking`` = teacher passage ids (retrieval formats only)."""
+    """Tokenise one example; ``ranking`` = teacher passage ids (retrieval formats only).
+
+    ``shuffle_context`` puts the teacher's top-k in random order in the reader's context:
+    the teacher's best passage is then not always first, as at inference, where the
+    model's own retrieval decides the order.
+    """
     if example.format == "corpus_text":
         prompt_text, target_text = "", example.answers[0]
     else:
@@ -64,10 +70,13 @@ def make_item(
     lo, hi = hard_negative_ranks
     pool = list(ranking[lo:hi])
     hard = rng.sample(pool, min(num_hard_negatives, len(pool)))
+    context = list(ranking[:k])
+    if shuffle_context:
+        rng.shuffle(context)
     return Item(
         prompt,
         target,
-        context=list(ranking[:k]),
+        context=context,
         positives=list(ranking[:num_positives]),
         hard_negatives=hard,
         candidates=list(ranking[:num_candidates]),

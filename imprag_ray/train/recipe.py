@@ -135,7 +135,7 @@ class ImpRAGRecipe:
                 k=self.model.k, num_positives=t.num_positives,
                 hard_negative_ranks=t.hard_negative_ranks, num_hard_negatives=t.num_hard_negatives,
                 num_candidates=t.num_candidates, max_prompt_tokens=d.max_prompt_tokens,
-                max_target_tokens=d.max_target_tokens, rng=rng,
+                max_target_tokens=d.max_target_tokens, rng=rng, shuffle_context=d.shuffle_context,
             )
             for ex in examples
         ]

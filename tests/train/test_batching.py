@@ -1,0 +1,59 @@
+"""Training items and batches: context, positives, negatives, candidates."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from imprag_ray.data.records import TaskExample
+from imprag_ray.data.tokenized import PassageStore
+from imprag_ray.model.checkpoint import load_tokenizer
+from imprag_ray.train.batching import collate, make_item
+
+RANKING = [f"p{i:05d}" for i in range(60)]
+ARGS = dict(k=3, num_positives=1, hard_negative_ranks=(10, 50), num_hard_negatives=2, num_candidates=5,
+            max_prompt_tokens=40, max_target_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_world):
+    from imprag_ray.data.readers import read_corpus
+
+    tok = load_tokenizer(tiny_world["ckpt"])
+    store = PassageStore(read_corpus(tiny_world["world"] / "corpus.jsonl"), tok, 48)
+    return tok, store
+
+
+def _example(i=0):
+    return TaskExample(f"q{i}", "Where was Elfen Arkra born?", ("Caselva",), ("p00000",), "qa")
+
+
+def test_item_roles_follow_the_teacher_ranking(setup):
+    tok, _ = setup
+    item = make_item(_example(), tok, RANKING, rng=random.Random(0), **ARGS)
+    assert item.context == RANKING[:3] and item.positives == RANKING[:1]
+    assert item.candidates == RANKING[:5] and item.near == RANKING[:10]
+    assert all(RANKING.index(p) >= 10 for p in item.hard_negatives) and len(item.hard_negatives) == 2
+    assert item.prompt[0] == tok.bos_token_id and item.target[-1] == tok.eos_token_id
+    orders = {tuple(make_item(_example(), tok, RANKING, rng=random.Random(s), shuffle_context=True,
+                              **ARGS).context) for s in range(8)}
+    assert len(orders) > 1 and all(sorted(o) == RANKING[:3] for o in orders)
+
+
+def test_warmup_negatives_exclude_the_teachers_near_top(setup):
+    tok, store = setup
+    a = make_item(_example(0), tok, RANKING, rng=random.Random(0), **ARGS)
+    b = make_item(_example(1), tok, RANKING[5:] + RANKING[:5], rng=random.Random(1), **ARGS)
+    plain = make_item(TaskExample("i", "Say hi", ("hi",), (), "instruction"), tok, None, rng=random.Random(0), **ARGS)
+    batch = collate([a, plain, b], store, 3, tok.pad_token_id, with_passages=True, stage="warmup")
+    assert batch.retrieval.tolist() == [True, False, True]
+    assert batch.passage_mask[1].sum() == 0 and batch.passage_mask[0].sum() > 0
+    pool = batch.pool_ids
+    assert set(pool) == set(a.positives + a.hard_negatives + b.positives + b.hard_negatives)
+    pos_b = pool.index(b.positives[0])  # rank 5 for query a: neither positive nor negative
+    assert not batch.positive[0, pos_b] and not batch.negative[0, pos_b]
+    assert batch.positive[1, pos_b] and not batch.negative[1, pos_b]
+    assert (batch.candidates.numel() == 0) or bool((batch.candidates < 0).all())
+    distill = collate([a, b], store, 3, tok.pad_token_id, with_passages=True, stage="distill")
+    assert [distill.pool_ids[i] for i in distill.candidates[0].tolist()] == a.candidates
