@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from imprag_ray.data.io import atomic_dir
 
 MANIFEST_VERSION = 1
 
@@ -117,21 +117,10 @@ class PassageIndex:
         """Write index, ids and manifest atomically (temp dir next to ``out_dir``, rename)."""
         faiss = _faiss()
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir, overwrite=True) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "ids.json").write_text(json.dumps(self.ids))
             (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2))
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
     @classmethod

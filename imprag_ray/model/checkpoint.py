@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from imprag_ray.data.io import atomic_dir
 from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME, ImpRAGConfig, ImpRAGModel
 from imprag_ray.model.presets import ModelPreset
 
@@ -90,8 +89,6 @@ def init_checkpoint(
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or delete it")
     tokenizer = train_tokenizer(texts, vocab_size or preset.vocab_size)
     hf_config = preset.hf_config(
         vocab_size=len(tokenizer),
@@ -108,16 +105,9 @@ def init_checkpoint(
         preset.num_passages,
     )
     model = ImpRAGModel(lm, config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp / "ckpt")
-        tokenizer.save_pretrained(tmp / "ckpt")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp / "ckpt", out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:  # refuses a non-empty out_dir
+        model.write_files(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,18 +157,16 @@ class ImpRAGModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write HF weights + config and ``imprag_config.json`` atomically (temp dir, rename)."""
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        self.lm.save_pretrained(tmp)
-        (tmp / IMPRAG_CONFIG_NAME).write_text(json.dumps(asdict(self.imprag_config), indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            _rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        from imprag_ray.data.io import atomic_dir
+
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            self.write_files(tmp)
+
+    def write_files(self, directory: str | os.PathLike) -> None:
+        """Write HF weights + config and ``imprag_config.json`` into an existing directory
+        (not atomic: callers that assemble a larger checkpoint wrap it in ``atomic_dir``)."""
+        self.lm.save_pretrained(directory)
+        (Path(directory) / IMPRAG_CONFIG_NAME).write_text(json.dumps(asdict(self.imprag_config), indent=2))
 
     # -------------------------------------------------------------- properties
     @property
@@ -391,8 +388,3 @@ class ImpRAGModel(nn.Module):
 
         return generate(self, input_ids, attention_mask, passage_ids, passage_mask, **kwargs)
 
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

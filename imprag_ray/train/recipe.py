@@ -17,8 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import Tensor
 
 from imprag_ray.config.loader import ConfigError, to_dict
 from imprag_ray.config.schema import TaskFile, TrainJobConfig
+from imprag_ray.data.io import atomic_dir
 from imprag_ray.data.readers import read_corpus, read_tasks
 from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
 from imprag_ray.data.templates import format_passage
@@ -318,22 +317,15 @@ class ImpRAGRecipe:
     def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
         """HF weights + tokenizer + ImpRAG config + optimizer/scheduler state, atomically."""
         out_dir = Path(out_dir or self.output_dir / "checkpoints" / f"epoch-{self.epoch:03d}")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            self.model.save_pretrained(tmp / "ckpt")
-            self.tokenizer.save_pretrained(tmp / "ckpt")
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            self.model.write_files(tmp)
+            self.tokenizer.save_pretrained(tmp)
             torch.save({
                 "epoch": self.epoch, "step": self.step,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-            }, tmp / "ckpt" / STATE_NAME)
-            (tmp / "ckpt" / "job_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp / "ckpt", out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            }, tmp / STATE_NAME)
+            (tmp / "job_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         return out_dir
 
     def _load_state(self, ckpt: Path) -> None:
