@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from imprag_ray.data.io import atomic_dir
+from imprag_ray.index.flat import IdIndex
 
 MANIFEST_VERSION = 1
 
@@ -61,16 +62,13 @@ def _faiss():
     return faiss
 
 
-class PassageIndex:
+class PassageIndex(IdIndex):
     """A FAISS inner-product index over passage embeddings + ids + manifest."""
 
     def __init__(self, index, ids: Sequence[str], manifest: IndexManifest):
         if index.ntotal != len(ids):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
         self.index, self.ids, self.manifest = index, list(ids), manifest
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     @classmethod
     def build(
@@ -106,12 +104,6 @@ class PassageIndex:
             ids.extend(shard_ids)
         manifest = IndexManifest(dim=dim, count=len(ids), index_type=index_type, **manifest_fields)
         return cls(index, ids, manifest)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
-        """Top-k passage ids per query (best first) and their scores [Q, k]."""
-        k = min(k, len(self.ids))
-        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [[self.ids[j] for j in row if j >= 0] for row in idx], scores
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write index, ids and manifest atomically (temp dir next to ``out_dir``, rename)."""

@@ -102,6 +102,7 @@ class ImpRAGRecipe:
         self.tokenizer = load_tokenizer(m.path)
         self.passages = read_corpus(cfg.data.corpus)
         self.store = PassageStore(self.passages, self.tokenizer, self.model.l_max)
+        self.passage_texts = {p.id: format_passage(p) for p in self.passages}  # answer-string recall
         train = [ex for _, exs in read_task_files(cfg.data.train) for ex in exs]
         if not train:
             raise ValueError("data.train lists no examples; add at least one task file")
@@ -291,7 +292,6 @@ class ImpRAGRecipe:
         depth = max(top_k, *ec.recall_ks)  # retrieve deep enough for every recall@k
         results: dict[str, dict] = {}
         predictions: list[dict] = []
-        texts = {p.id: format_passage(p) for p in self.passages}
         for spec, examples in read_task_files(getattr(self.cfg.data, split)):
             examples = examples[:limit] if limit else examples
             preds = predict(
@@ -303,7 +303,7 @@ class ImpRAGRecipe:
             predictions.extend(preds)
             key = Path(spec.path).stem
             by_id = {p["id"]: p for p in preds}
-            results[key] = {"format": spec.format, **score_task(examples, by_id, texts, ec.recall_ks)}
+            results[key] = {"format": spec.format, **score_task(examples, by_id, self.passage_texts, ec.recall_ks)}
         if write and self.rank == 0:
             from imprag_ray.data.io import write_json_atomic, write_jsonl_atomic
 
