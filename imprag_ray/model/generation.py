@@ -12,6 +12,8 @@ generated tokens stay masked in the cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -49,7 +51,16 @@ def select_next(
 
 
 @torch.no_grad()
-def generate(
+def generate(model: ImpRAGModel, input_ids: Tensor, attention_mask: Tensor, *args, **kwargs) -> Tensor:
+    """Decode up to ``max_new_tokens`` new tokens per row -> [B, T] (T <= max_new_tokens).
+
+    Arguments as :func:`generate_steps`, which yields the same tokens one step at a time.
+    """
+    return torch.stack(list(generate_steps(model, input_ids, attention_mask, *args, **kwargs)), dim=1)
+
+
+@torch.no_grad()
+def generate_steps(
     model: ImpRAGModel,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -66,8 +77,8 @@ def generate(
     generator: torch.Generator | None = None,
     prompt_state: PromptState | None = None,
     passage_kv: PassageKV | None = None,
-) -> Tensor:
-    """Decode up to ``max_new_tokens`` new tokens per row -> [B, T] (T <= max_new_tokens).
+) -> Iterator[Tensor]:
+    """Yield the next token of every row, [B], once per decoding step (streaming).
 
     Rows that emitted ``eos_token_id`` are filled with ``pad_token_id`` afterwards;
     decoding stops early once every row has finished.
@@ -106,7 +117,6 @@ def generate(
     logits = model.lm_logits(h[rows, lengths - 1])  # [B, V]
     cache_valid = state.valid
     finished = torch.zeros(bsz, dtype=torch.bool, device=h.device)
-    out: list[Tensor] = []
     sample_args = dict(
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
     )
@@ -115,7 +125,7 @@ def generate(
         if eos_token_id is not None:
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             finished = finished | (token == eos_token_id)
-        out.append(token)
+        yield token
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         positions = (state.offset + lengths + step).unsqueeze(1)  # [B, 1]
@@ -131,4 +141,3 @@ def generate(
         ]
         cache_valid = torch.cat([cache_valid, new_valid], dim=1)
         logits = model.lm_logits(x[:, 0])
-    return torch.stack(out, dim=1)

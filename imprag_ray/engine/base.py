@@ -1,0 +1,134 @@
+"""The engine interface shared by the torch reference engine and the vLLM engine.
+
+A request carries token ids only (tokenisation happens in the caller, which also owns
+the template): the prompt (``<s>`` + prompt tokens) and the retrieved passages, each
+already truncated to the checkpoint's ``max_passage_tokens``. ``passages=None`` means
+closed book (the base LLM: prompt at positions 0..L-1); a tuple (possibly shorter than
+k, possibly with empty passages) means the prompt sits after a region of
+``k * l_max`` position slots, the first ``sum(len(p))`` of them holding the passages
+packed in order (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+ENGINE_KINDS = ("torch", "vllm")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too many passages, passage too long, ...)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise EngineError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    passages: tuple[tuple[int, ...], ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise EngineError("prompt_ids must not be empty")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # generated tokens, EOS excluded
+    finish_reason: Literal["stop", "length"]  # "stop": EOS was generated
+    request_id: str = ""
+
+
+class GenerationEngine(abc.ABC):
+    """Stage-2 generation over one checkpoint. Subclasses: ``TorchEngine``, ``VLLMEngine``."""
+
+    kind: str = ""
+
+    @property
+    @abc.abstractmethod
+    def checkpoint_hash(self) -> str:
+        """:func:`imprag_ray.model.checkpoint.checkpoint_hash` of the weights now served."""
+
+    @property
+    @abc.abstractmethod
+    def num_passages(self) -> int:
+        """k: the number of passage slots of the checkpoint."""
+
+    @property
+    @abc.abstractmethod
+    def max_passage_tokens(self) -> int:
+        """l_max."""
+
+    @property
+    @abc.abstractmethod
+    def eos_token_id(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for a batch of requests, results in request order."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> Iterator[list[int]]:
+        """Yield new token ids as they are decoded (EOS excluded); ends when done."""
+
+    @abc.abstractmethod
+    def reload(self, checkpoint_dir: str) -> str:
+        """Load new weights from a checkpoint directory of the same architecture without
+        restarting; returns the new checkpoint hash."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release processes / memory."""
+
+    def check_request(self, request: GenerationRequest) -> None:
+        if request.passages is None:
+            return
+        if len(request.passages) > self.num_passages:
+            raise EngineError(
+                f"{len(request.passages)} passages > the checkpoint's num_passages={self.num_passages}"
+            )
+        for i, p in enumerate(request.passages):
+            if len(p) > self.max_passage_tokens:
+                raise EngineError(
+                    f"passage {i} has {len(p)} tokens > max_passage_tokens={self.max_passage_tokens}"
+                )
+
+
+def build_engine(kind: str, checkpoint_dir: str, **options) -> GenerationEngine:
+    """``kind`` in ENGINE_KINDS; options go to the engine's constructor."""
+    if kind == "torch":
+        from imprag_ray.engine.torch_engine import TorchEngine
+
+        return TorchEngine(checkpoint_dir, **options)
+    if kind == "vllm":
+        from imprag_ray.vllm_plugin.engine import VLLMEngine  # the only vLLM-importing package
+
+        return VLLMEngine(checkpoint_dir, **options)
+    raise EngineError(f"engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
