@@ -72,10 +72,23 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_bench(sub) -> None:
+    import importlib
+    import importlib.util
+
+    from imprag_ray.bench import BENCHES
+
+    p = sub.add_parser("bench", help="benchmarks (print JSON; --json OUT writes it)")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    for name in BENCHES:
+        if importlib.util.find_spec(f"imprag_ray.bench.{name}") is not None:
+            importlib.import_module(f"imprag_ray.bench.{name}").add_parser(bsub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo):
+    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_bench):
         add(sub)
     return parser
 
