@@ -23,14 +23,60 @@ else:
     torch.set_flush_denormal(True)  # denormals make small random models 10x slower on CPU
 
 
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[Any]:
-    """A local Ray instance (2 CPUs, no dashboard), started on first use, shut down at the end."""
+# Which Ray the test process is connected to: None, "local" or a multi-node address.
+_RAY_CONNECTION: dict[str, Any] = {"to": None}
+
+
+def _connect(to: str, **init_kwargs: Any) -> Any:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, address="local")
-    yield ray
-    ray.shutdown()
+    if _RAY_CONNECTION["to"] != to or not ray.is_initialized():
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(**init_kwargs)
+        _RAY_CONNECTION["to"] = to
+    return ray
+
+
+@pytest.fixture
+def ray_local() -> Iterator[Any]:
+    """This process connected to an embedded local Ray (2 CPUs, no dashboard).
+
+    Started on first use and kept for later tests (shut down at session end or when a
+    test connects to a multi-node cluster instead).
+    """
+    yield _connect("local", num_cpus=2, include_dashboard=False, address="local")
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Iterator[Any]:
+    """A real two-node Ray cluster on this machine (tests/multinode.py): two raylets with
+    1 CPU each and custom resources ``node_0`` / ``node_1``. Started once per session."""
+    from tests.multinode import local_cluster
+
+    with local_cluster((1, 1)) as cluster:
+        yield cluster
+        import ray
+
+        if _RAY_CONNECTION["to"] == cluster.address:
+            ray.shutdown()
+            _RAY_CONNECTION["to"] = None
+
+
+@pytest.fixture
+def ray_two_nodes(two_node_cluster) -> Iterator[Any]:
+    """This process connected (as a driver) to :func:`two_node_cluster`; yields the cluster."""
+    _connect(two_node_cluster.address, address=two_node_cluster.address, logging_level="ERROR")
+    yield two_node_cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown_at_end() -> Iterator[None]:
+    yield
+    if _RAY_CONNECTION["to"] is not None:
+        import ray
+
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
