@@ -1,0 +1,243 @@
+"""Serve job configuration (``imprag serve --config jobs/serve_*.yaml``): frozen dataclasses.
+
+One checkpoint + the index built from it + the corpus the index ids point into, served by
+three Ray Serve deployments (DESIGN §2 "online serving"): ``ingress`` (HTTP, OpenAI API),
+``retrieval`` (bottom layers 0..b + FAISS; dynamic request batching) and ``generation``
+(the full model in a generation engine). Each deployment has its own autoscaling,
+actor resources, concurrency cap and batching. Loaded by the Ray-free loader
+(:mod:`imprag_ray.config.loader`); bad values fail naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from imprag_ray.config.loader import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelExpectation:
+    """What the served checkpoint must be (null = accept what ``imprag_config.json`` says).
+
+    Replicas compare these with the checkpoint at load time and refuse a mismatch, so a
+    config written for Llama-3.2-3B b=7 t=19 k=10 cannot silently serve another split.
+    """
+
+    retrieval_layer: int | None = None  # b
+    reader_last_layer: int | None = None  # t
+    num_passages: int | None = None  # k
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        b, t = self.retrieval_layer, self.reader_last_layer
+        if b is not None and b < 0:
+            raise ConfigError.at("retrieval_layer", f"must be >= 0, got {b}")
+        if b is not None and t is not None and b >= t:
+            raise ConfigError.at("retrieval_layer", f"b must be < reader_last_layer (t={t}), got b={b}")
+        if self.num_passages is not None and self.num_passages <= 0:
+            raise ConfigError.at("num_passages", f"must be > 0, got {self.num_passages}")
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """Generation engine: ``imprag_ray.engine.build_engine(kind, checkpoint, **options)``."""
+
+    kind: Literal["torch", "vllm"] = "torch"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    host: str = "127.0.0.1"  # loopback unless configured otherwise
+    port: int = 8000
+    route_prefix: str = "/"
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError.at("port", f"must be in 1..65535, got {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError.at("route_prefix", f"must start with '/', got {self.route_prefix!r}")
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """Optional Bearer API key: given inline or (better) named by an environment variable."""
+
+    api_key: str | None = None
+    api_key_env: str | None = None
+
+    def validate(self) -> None:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ConfigError.at("api_key", "set api_key or api_key_env, not both")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError.at("api_key", "must not be empty; remove it to disable the key check")
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_request_bytes: int = 65536
+    max_prompt_chars: int = 8000
+    max_prompt_tokens: int = 512  # including <s>; longer prompts are refused, not truncated
+    max_tokens: int = 256  # upper bound of a request's max_tokens
+    default_max_tokens: int = 16
+
+    def validate(self) -> None:
+        for key in ("max_request_bytes", "max_prompt_chars", "max_prompt_tokens", "max_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+        if not 0 < self.default_max_tokens <= self.max_tokens:
+            raise ConfigError.at(
+                "default_max_tokens",
+                f"must be in 1..max_tokens ({self.max_tokens}), got {self.default_max_tokens}",
+            )
+
+
+@dataclass(frozen=True)
+class AutoscalingSection:
+    """Ray Serve ``autoscaling_config`` (the subset we expose)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 1.0
+    look_back_period_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.min_replicas < 0:
+            raise ConfigError.at("min_replicas", f"must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ConfigError.at(
+                "max_replicas",
+                f"must be >= max(1, min_replicas={self.min_replicas}), got {self.max_replicas}",
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ConfigError.at("initial_replicas", "must lie in min_replicas..max_replicas")
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError.at(
+                "target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"
+            )
+        for key in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError.at(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("metrics_interval_s", "look_back_period_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class ActorOptionsSection:
+    """Ray Serve ``ray_actor_options`` for each replica."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int | None = None  # bytes
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for key in ("num_cpus", "num_gpus"):
+            if getattr(self, key) < 0:
+                raise ConfigError.at(key, f"must be >= 0, got {getattr(self, key)}")
+        for name, amount in self.resources.items():
+            if amount < 0:
+                raise ConfigError.at(f"resources.{name}", f"must be >= 0, got {amount}")
+
+
+@dataclass(frozen=True)
+class BatchingSection:
+    """Dynamic request batching (``@serve.batch``) inside a replica."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+    def validate(self) -> None:
+        if self.max_batch_size <= 0:
+            raise ConfigError.at("max_batch_size", f"must be > 0, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError.at("batch_wait_timeout_s", f"must be >= 0, got {self.batch_wait_timeout_s}")
+
+
+@dataclass(frozen=True)
+class DeploymentSection:
+    autoscaling_config: AutoscalingSection = AutoscalingSection()
+    ray_actor_options: ActorOptionsSection = ActorOptionsSection()
+    max_ongoing_requests: int = 16
+    batching: BatchingSection = BatchingSection()
+
+    def validate(self) -> None:
+        if self.max_ongoing_requests <= 0:
+            raise ConfigError.at("max_ongoing_requests", f"must be > 0, got {self.max_ongoing_requests}")
+
+
+@dataclass(frozen=True)
+class DeploymentsSection:
+    ingress: DeploymentSection = DeploymentSection()
+    retrieval: DeploymentSection = DeploymentSection()
+    generation: DeploymentSection = DeploymentSection()
+
+
+@dataclass(frozen=True)
+class RetrySection:
+    """Ingress retries of a stage call whose replica died (actor death, replica unavailable)."""
+
+    max_attempts: int = 5
+    deadline_s: float = 60.0
+    backoff_s: float = 0.2
+
+    def validate(self) -> None:
+        if self.max_attempts <= 0:
+            raise ConfigError.at("max_attempts", f"must be > 0, got {self.max_attempts}")
+        if self.deadline_s <= 0 or self.backoff_s < 0:
+            raise ConfigError.at("deadline_s", "deadline_s must be > 0 and backoff_s >= 0")
+
+
+@dataclass(frozen=True)
+class ReloadSection:
+    """Hot swap: how long replicas may take to load a new version, and to drain the old one."""
+
+    load_timeout_s: float = 900.0
+    drain_timeout_s: float = 120.0
+    poll_interval_s: float = 0.25
+
+    def validate(self) -> None:
+        for key in ("load_timeout_s", "drain_timeout_s", "poll_interval_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class ServeJobConfig:
+    """``imprag serve``: checkpoint + its index + corpus, engine, HTTP, limits, deployments."""
+
+    name: str
+    checkpoint: str = field(metadata={"path": "dir"})
+    index: str = field(metadata={"path": "dir"})
+    corpus: str = field(metadata={"path": "file"})  # the passages the index ids point into
+    app_name: str = "imprag"
+    model_name: str = "imprag"  # the OpenAI ``model`` id clients must send
+    top_k: int | None = None  # passages read per request (null = the checkpoint's k)
+    threads: int | None = 1  # torch intra-op threads per replica
+    model: ModelExpectation = ModelExpectation()
+    engine: EngineSection = EngineSection()
+    http: HttpSection = HttpSection()
+    auth: AuthSection = AuthSection()
+    limits: LimitsSection = LimitsSection()
+    deployments: DeploymentsSection = DeploymentsSection()
+    retry: RetrySection = RetrySection()
+    reload: ReloadSection = ReloadSection()
+
+    def validate(self) -> None:
+        if self.top_k is not None and self.top_k <= 0:
+            raise ConfigError.at("top_k", f"must be > 0 or null, got {self.top_k}")
+        k = self.model.num_passages
+        if self.top_k is not None and k is not None and self.top_k > k:
+            raise ConfigError.at("top_k", f"must be <= model.num_passages ({k}), got {self.top_k}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError.at("threads", f"must be > 0 or null, got {self.threads}")
+        if not self.app_name or not self.model_name:
+            raise ConfigError.at("model_name", "app_name and model_name must not be empty")

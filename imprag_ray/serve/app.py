@@ -1,0 +1,155 @@
+"""The Serve application: build, run, reload (the Ray edge of serving).
+
+The stage classes are plain Python (:mod:`imprag_ray.serve.stages`,
+:mod:`imprag_ray.serve.ingress`, :mod:`imprag_ray.serve.control`); this module applies
+``serve.deployment`` with the options computed from the job config, so the same app runs
+from ``imprag serve --config ...``, from ``serve run`` / ``serve deploy`` with a Serve
+config file (``import_path: imprag_ray.serve.app:build_app``) and as a KubeRay
+RayService (``clusters/kuberay/rayservice-llama3-3b.yaml``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from imprag_ray.config.loader import check_paths, load_config, to_dict
+from imprag_ray.config.serve_schema import DeploymentSection, ServeJobConfig
+
+QUIET = {"enable_access_log": False}  # heartbeats and requests would flood the logs
+CONTROL_OPTIONS = {
+    "num_replicas": 1,
+    "ray_actor_options": {"num_cpus": 0.01},
+    "max_ongoing_requests": 1000,
+    "logging_config": QUIET,
+}
+
+
+def load_serve_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check: bool = True):
+    """Load + validate a serve job YAML; with ``check`` its checkpoint/index/corpus must exist."""
+    cfg = load_config(ServeJobConfig, path, list(overrides))
+    if check:
+        check_paths(cfg, Path.cwd())
+    return cfg
+
+
+def absolute_paths(cfg: ServeJobConfig) -> ServeJobConfig:
+    """Resolve relative paths against the current directory (replicas run elsewhere)."""
+    from dataclasses import replace
+
+    def fix(p: str) -> str:
+        return p if "://" in p else str(Path(p).expanduser().resolve())
+
+    return replace(cfg, checkpoint=fix(cfg.checkpoint), index=fix(cfg.index), corpus=fix(cfg.corpus))
+
+
+def deployment_options(section: DeploymentSection) -> dict[str, Any]:
+    """``serve.deployment(...).options`` of one stage from its config section."""
+    a, r = section.autoscaling_config, section.ray_actor_options
+    autoscaling = {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+        "metrics_interval_s": a.metrics_interval_s,
+        "look_back_period_s": a.look_back_period_s,
+    }
+    if a.initial_replicas is not None:
+        autoscaling["initial_replicas"] = a.initial_replicas
+    actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.memory is not None:
+        actor["memory"] = r.memory
+    if r.resources:
+        actor["resources"] = dict(r.resources)
+    options: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": section.max_ongoing_requests,
+        "logging_config": QUIET,
+    }
+    if a.min_replicas == a.max_replicas:
+        options["num_replicas"] = a.min_replicas  # fixed size: no autoscaler
+    else:
+        options["autoscaling_config"] = autoscaling
+    return options
+
+
+def build_application(cfg: ServeJobConfig):
+    """The bound Serve application (ingress -> retrieval, generation; control)."""
+    from ray import serve
+
+    from imprag_ray.serve.control import Control
+    from imprag_ray.serve.ingress import make_ingress_class
+    from imprag_ray.serve.stages import GenerationStage, RetrievalStage
+
+    cfg = absolute_paths(cfg)
+    data = to_dict(cfg)
+    d = cfg.deployments
+    control = serve.deployment(Control, name="Control").options(**CONTROL_OPTIONS).bind(data)
+    retrieval = (
+        serve.deployment(RetrievalStage, name="RetrievalStage")
+        .options(**deployment_options(d.retrieval))
+        .bind(data, control)
+    )
+    generation = (
+        serve.deployment(GenerationStage, name="GenerationStage")
+        .options(**deployment_options(d.generation))
+        .bind(data, control)
+    )
+    ingress_cls = make_ingress_class()
+    return (
+        serve.deployment(ingress_cls, name="Ingress")
+        .options(**deployment_options(d.ingress))
+        .bind(data, control, retrieval, generation)
+    )
+
+
+def build_app(args: dict[str, Any]):
+    """Serve app builder for ``serve run`` / ``serve deploy`` / RayService.
+
+    ``args``: ``{"config": "jobs/serve_tiny_synth.yaml", "overrides": ["top_k=2", ...]}``.
+    """
+    unknown = set(args) - {"config", "overrides"}
+    if unknown or "config" not in args:
+        raise ValueError(f"build_app args: need 'config' (and optional 'overrides'), got keys {sorted(args)}")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    return build_application(load_serve_config(args["config"], overrides))
+
+
+def run(cfg: ServeJobConfig, *, blocking: bool = True, address: str | None = None, echo=print) -> str:
+    """Start Serve on ``cfg.http`` and deploy the app; returns the base URL.
+
+    ``address=None`` starts a local Ray instance for this process; pass a cluster address
+    (``auto``, ``host:port``) to deploy onto a running cluster.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", include_dashboard=False)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
+    echo(f"imprag serve: {cfg.app_name} ready at {url} (ray address {ray.get_runtime_context().gcs_address})")
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+def reload(checkpoint: str, index: str, *, app_name: str = "imprag", address: str | None = None) -> dict:
+    """Hot-swap a running app to (checkpoint, index): returns the swap record."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", include_dashboard=False, log_to_driver=False)
+    ckpt, idx = str(Path(checkpoint).resolve()), str(Path(index).resolve())
+    handle = serve.get_deployment_handle("Control", app_name=app_name)
+    return handle.reload.remote(ckpt, idx).result(timeout_s=None)

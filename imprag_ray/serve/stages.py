@@ -1,0 +1,235 @@
+"""The two inference stages as Serve replica classes (DESIGN §1 "Inference", §2).
+
+``RetrievalStage``: stage 1 only — embeddings + layers 0..b of the checkpoint, the
+tokenizer, the FAISS index (refused unless its manifest names the checkpoint) and the
+corpus texts the index ids point into. Requests are batched dynamically
+(``@serve.batch``): one bottom-layer forward and one FAISS search per batch and version.
+
+``GenerationStage``: the full model inside a generation engine (``torch`` or ``vllm``,
+:func:`imprag_ray.engine.build_engine`), batched the same way; streaming yields tokens.
+
+Both hold loaded versions in a :class:`VersionCache` and answer with the hash they used.
+The deployments' options (replicas, resources, batching) are applied in
+:mod:`imprag_ray.serve.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from imprag_ray.config.loader import from_dict
+from imprag_ray.config.serve_schema import BatchingSection, ServeJobConfig
+from imprag_ray.serve.control import ReplicaSync, replica_name
+from imprag_ray.serve.versions import Version, VersionCache, VersionMismatchError, make_version
+
+
+def _setup_threads(cfg: ServeJobConfig) -> None:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+
+
+def _set_batching(method: Any, batching: BatchingSection) -> None:
+    method.set_max_batch_size(batching.max_batch_size)
+    method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+
+@dataclass
+class RetrievalState:
+    model: Any  # ImpRAGModel with layers 0..b only
+    tokenizer: Any
+    index: Any  # PassageIndex
+    version: Version
+
+
+class RetrievalStage:
+    """Prompt token ids -> top-k passages (id, title, score, token ids) of one version."""
+
+    def __init__(self, cfg: dict, control):
+        from imprag_ray.data.readers import iter_corpus
+
+        self.cfg = from_dict(ServeJobConfig, cfg)
+        _setup_threads(self.cfg)
+        self.corpus = {p.id: p for p in iter_corpus(self.cfg.corpus)}
+        self.cache = VersionCache(self._load)
+        self.cache.get(make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model))
+        _set_batching(self.retrieve, self.cfg.deployments.retrieval.batching)
+        self.sync = ReplicaSync(control, "retrieval", self.cache, self.cfg.reload.poll_interval_s)
+
+    def _load(self, version: Version) -> RetrievalState:
+        from imprag_ray.index.store import PassageIndex
+        from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
+        from imprag_ray.serve.versions import check_expectation, load_bottom_model
+
+        if checkpoint_hash(version.checkpoint) != version.hash:
+            raise VersionMismatchError(
+                f"{version.checkpoint} changed on disk since version {version.hash[:12]}"
+            )
+        check_expectation(version.checkpoint, self.cfg.model)
+        model = load_bottom_model(version.checkpoint, self.cfg.model.dtype)
+        index = PassageIndex.load(
+            version.index,
+            checkpoint_hash=version.hash,
+            retrieval_layer=model.b,
+            post_rope=model.imprag_config.post_rope,
+        )
+        unknown = [pid for pid in index.ids[:1000] if pid not in self.corpus]
+        if unknown:
+            raise VersionMismatchError(
+                f"index {version.index} names passages missing from corpus {self.cfg.corpus} "
+                f"(e.g. {unknown[0]!r}); serve the corpus the index was built from"
+            )
+        return RetrievalState(model, load_tokenizer(version.checkpoint), index, version)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def retrieve(self, requests: list[dict]) -> list[dict]:
+        """Batched: each request is {version, prompt_ids, top_k}."""
+        return await asyncio.to_thread(self._retrieve, requests)
+
+    def _retrieve(self, requests: list[dict]) -> list[dict]:
+        out: list[dict | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r["version"]["hash"], []).append(i)
+        for members in groups.values():
+            version = Version.from_dict(requests[members[0]]["version"])
+            try:
+                state = self.cache.get(version)
+                results = self._search(state, [requests[i] for i in members])
+            except Exception as err:  # returned per request, the batch's others live
+                results = [{"error": f"retrieval failed: {err}"} for _ in members]
+            for i, res in zip(members, results, strict=True):
+                out[i] = res
+        return [r for r in out if r is not None]
+
+    def _search(self, state: RetrievalState, requests: list[dict]) -> list[dict]:
+        import torch
+
+        from imprag_ray.data.templates import format_passage
+
+        model = state.model
+        width = max(len(r["prompt_ids"]) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, : len(r["prompt_ids"])] = torch.tensor(r["prompt_ids"])
+            mask[i, : len(r["prompt_ids"])] = 1
+        with torch.no_grad():
+            query = model.encode_prompt(ids, mask).query_embedding  # [B, h_kv * d_h]
+        depth = max(r["top_k"] for r in requests)
+        found, scores = state.index.search(query.float().numpy(), depth)
+        results = []
+        for i, r in enumerate(requests):
+            passages = []
+            for pid, score in zip(found[i][: r["top_k"]], scores[i].tolist(), strict=False):
+                p = self.corpus[pid]
+                tokens = state.tokenizer(format_passage(p), add_special_tokens=False)["input_ids"][
+                    : model.l_max
+                ]
+                passages.append({"id": pid, "title": p.title, "score": float(score), "token_ids": tokens})
+            results.append({"hash": state.version.hash, "passages": passages})
+        return results
+
+    async def info(self) -> dict:
+        return {
+            "stage": "retrieval",
+            "replica": replica_name(),
+            "pid": os.getpid(),
+            "held": self.cache.held(),
+        }
+
+
+class GenerationStage:
+    """Prompt ids + passage ids -> generated ids, with the engine of the request's version."""
+
+    def __init__(self, cfg: dict, control):
+        self.cfg = from_dict(ServeJobConfig, cfg)
+        _setup_threads(self.cfg)
+        self.cache = VersionCache(self._load, on_drop=lambda engine: engine.close())
+        self.cache.get(make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model))
+        _set_batching(self.generate, self.cfg.deployments.generation.batching)
+        self.sync = ReplicaSync(control, "generation", self.cache, self.cfg.reload.poll_interval_s)
+
+    def _load(self, version: Version):
+        from imprag_ray.engine import build_engine
+        from imprag_ray.serve.versions import check_expectation
+
+        check_expectation(version.checkpoint, self.cfg.model)
+        options = dict(self.cfg.engine.options)
+        if self.cfg.engine.kind == "torch":
+            options.setdefault("dtype", self.cfg.model.dtype)
+        engine = build_engine(self.cfg.engine.kind, version.checkpoint, **options)
+        if engine.checkpoint_hash != version.hash:
+            engine.close()
+            raise VersionMismatchError(
+                f"{version.checkpoint} changed on disk since version {version.hash[:12]}"
+            )
+        return engine
+
+    @staticmethod
+    def _request(r: dict):
+        from imprag_ray.engine import GenerationRequest, Sampling
+
+        s = r["sampling"]
+        sampling = Sampling(
+            max_new_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"]
+        )
+        passages = None if r["passages"] is None else tuple(tuple(p) for p in r["passages"])
+        return GenerationRequest(tuple(r["prompt_ids"]), passages, sampling, r.get("request_id", ""))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate(self, requests: list[dict]) -> list[dict]:
+        """Batched: each request is {version, prompt_ids, passages, sampling, request_id}."""
+        return await asyncio.to_thread(self._generate, requests)
+
+    def _generate(self, requests: list[dict]) -> list[dict]:
+        out: list[dict | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r["version"]["hash"], []).append(i)
+        for members in groups.values():
+            version = Version.from_dict(requests[members[0]]["version"])
+            try:
+                engine = self.cache.get(version)
+                results = [
+                    {
+                        "hash": engine.checkpoint_hash,
+                        "token_ids": g.token_ids,
+                        "finish_reason": g.finish_reason,
+                    }
+                    for g in engine.generate([self._request(requests[i]) for i in members])
+                ]
+            except Exception as err:  # returned per request
+                results = [{"error": f"generation failed: {err}"} for _ in members]
+            for i, res in zip(members, results, strict=True):
+                out[i] = res
+        return [r for r in out if r is not None]
+
+    async def stream(self, request: dict):
+        """Yields {"hash", "token_ids"} chunks as tokens are decoded."""
+        version = Version.from_dict(request["version"])
+        engine = await asyncio.to_thread(self.cache.get, version)
+        steps = engine.stream(self._request(request))
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, steps, None)
+                if chunk is None:
+                    return
+                yield {"hash": engine.checkpoint_hash, "token_ids": list(chunk)}
+        finally:
+            await asyncio.to_thread(steps.close)
+
+    async def info(self) -> dict:
+        return {
+            "stage": "generation",
+            "replica": replica_name(),
+            "pid": os.getpid(),
+            "held": self.cache.held(),
+        }
