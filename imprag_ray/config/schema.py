@@ -158,6 +158,60 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RayTrainConfig:
+    """``ray:`` how ``imprag train`` runs on Ray Train (``imprag_ray.pipelines.train``).
+
+    ``train.batch_size`` is the GLOBAL batch: each of the ``num_workers`` workers takes
+    ``batch_size / num_workers`` examples per step, so 1 and N workers see the same
+    number of examples per optimiser step. In-batch negatives of the warmup NCE are
+    gathered from all workers (differentiable all-gather).
+
+    Index staleness policy (DESIGN §1 leaves it open): training never searches an index.
+    Warmup candidates come from the teacher's pseudo labels (positives, hard negatives)
+    plus every worker's in-batch passages, embedded with the current weights each step;
+    self-distillation re-embeds the teacher's candidates with the current weights every
+    step; dev/eval re-encode the whole corpus with the current bottom layers at
+    evaluation time. So nothing the loss sees is stale. A separate periodic re-encoding
+    of the corpus (Ray Data, ``imprag_ray/pipelines/encode.py``) is only needed to mine
+    candidates with the model's own retrieval; it is not done during training.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False  # one GPU per worker; NCCL then, gloo on CPU
+    cpus_per_worker: float = 1.0
+    # extra custom resources per worker, e.g. {node_0: 0.5} to pin workers to a node
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Ray Train storage (checkpoints, run state): local dir or URI (s3://, gs://, ...);
+    # null = <output_dir>/ray_results
+    storage_path: str | None = None
+    run_name: str | None = None  # null = the job's name
+    max_failures: int = 0  # automatic restarts from the latest checkpoint; -1 = unlimited
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards each decoder layer (3B/8B)
+    num_to_keep: int | None = None  # checkpoints kept in storage (null = all)
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError.at("num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError.at("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        for name, amount in self.resources_per_worker.items():
+            if name in ("CPU", "GPU", "memory"):
+                fix = "cpus_per_worker" if name == "CPU" else "use_gpu" if name == "GPU" else "a custom resource"
+                raise ConfigError.at(f"resources_per_worker.{name}", f"set {name} through {fix}, not here")
+            if amount <= 0:
+                raise ConfigError.at(f"resources_per_worker.{name}", f"must be > 0, got {amount}")
+        if self.storage_path is not None and not self.storage_path.strip():
+            raise ConfigError.at("storage_path", "must not be empty; use a directory, a URI or null")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise ConfigError.at("run_name", f"must be a plain name without '/', got {self.run_name!r}")
+        if self.max_failures < -1:
+            raise ConfigError.at("max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if self.num_to_keep is not None and self.num_to_keep < 1:
+            raise ConfigError.at("num_to_keep", f"must be >= 1 or null (keep all), got {self.num_to_keep}")
+
+
+@dataclass(frozen=True)
 class TrainJobConfig:
     """``imprag train``: model + data + teacher + schedule + evaluation."""
 
@@ -170,3 +224,4 @@ class TrainJobConfig:
     eval: EvalConfig = EvalConfig()
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (null = torch default)
+    ray: RayTrainConfig = RayTrainConfig()  # imprag train on Ray Train (ignored with --no-ray)

@@ -73,6 +73,9 @@ class ImpRAGRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.epoch = 0
         self.step = 0
+        # Optional: epoch -> this rank's item indices (e.g. a Ray Data shard, see
+        # imprag_ray.pipelines.train); None = the seeded shuffle + rank sharding below.
+        self.example_source: Callable[[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: str | os.PathLike | None = None) -> None:
@@ -175,9 +178,15 @@ class ImpRAGRecipe:
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches of one epoch (seeded shuffle, disjoint shards per rank)."""
         tc = self.cfg.train
-        order = list(range(len(self.items)))
-        random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
-        order = order[self.rank :: self.world_size]
+        if self.example_source is not None:
+            order = list(self.example_source(epoch))
+            if not order:
+                raise ValueError(f"rank {self.rank} got no training examples for epoch {epoch}; "
+                                 "use fewer workers or more training data")
+        else:
+            order = list(range(len(self.items)))
+            random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
+            order = order[self.rank :: self.world_size]
         needed = self.steps_per_epoch * tc.batch_size
         while len(order) < needed:  # steps_per_epoch may ask for more than one pass
             order = order + order
