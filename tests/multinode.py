@@ -42,6 +42,11 @@ class LocalCluster:
     temp_dir: str
     nodes: int
     env: dict = field(default_factory=dict)
+    dashboard_port: int = 0
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def node_ids(self) -> list[str]:
         import ray
@@ -90,11 +95,12 @@ def _node_args(temp_dir: str) -> list[str]:
 
 @contextlib.contextmanager
 def local_cluster(
-    cpus_per_node: tuple[int, ...] = (1, 1), object_store_mb: int = 200
+    cpus_per_node: tuple[int, ...] = (1, 1), object_store_mb: int = 200, dashboard: bool = False
 ) -> Iterator[LocalCluster]:
     """Start ``len(cpus_per_node)`` raylets (the first is the head) and yield the cluster.
 
-    The caller connects with ``ray.init(address=cluster.address)``.
+    The caller connects with ``ray.init(address=cluster.address)``. With ``dashboard``, the
+    head also runs the dashboard + job server at ``cluster.dashboard_url``.
     """
     temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: unix socket paths
     port = free_port()
@@ -103,20 +109,20 @@ def local_cluster(
     # runs without it (drivers connecting to it need the same setting: set here too).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    cluster = LocalCluster(address, temp_dir, len(cpus_per_node), env)
+    cluster = LocalCluster(address, temp_dir, len(cpus_per_node), env, free_port() if dashboard else 0)
     store = str(object_store_mb * 1024 * 1024)
     try:
         for i, cpus in enumerate(cpus_per_node):
-            role = (
-                [
-                    "--head",
-                    f"--port={port}",
-                    "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port()}",
+            head = ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}"]
+            if dashboard:
+                head += [
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={cluster.dashboard_port}",
                 ]
-                if i == 0
-                else [f"--address={address}"]
-            )
+            else:
+                head.append("--include-dashboard=false")
+            role = head if i == 0 else [f"--address={address}"]
             cmd = [
                 _ray_bin(),
                 "start",
