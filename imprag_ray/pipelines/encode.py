@@ -1,0 +1,461 @@
+"""Corpus encoding on Ray Data -> embedding shards -> FAISS index (``imprag index build``).
+
+DESIGN §2 "corpus encoding" / "index"; issue 3 §1. The pipeline streams::
+
+    read_json / read_parquet (local path or pyarrow URI)
+      -> tokenize ("title: text", truncated to l_max; tasks)
+      -> map_batches(PassageEncoder)  actor pool; each actor loads only layers 0..b-1 +
+                                      layer b's projections (imprag_ray.model.bottom)
+      -> the driver iterates the (ordered) output and writes one embedding shard per
+         ``index.shard_size`` passages (npy + ids, atomic), logging a line per shard
+
+Shard s holds corpus rows ``[s * shard_size, (s+1) * shard_size)`` (corpus order; Ray
+Data keeps block order), so the assignment is deterministic: a rerun reads
+``build.json`` + the ``shard-*.done.json`` markers, drops the rows of finished shards
+before the encoder and re-encodes only the rest. The driver holds at most one shard.
+
+The FAISS index is then trained on a sample drawn from the shards and filled shard by
+shard (GPU FAISS when available), and saved with its manifest (checkpoint hash, b,
+post-RoPE, dim, count, type, corpus fingerprint). ``index.num_shards > 1`` writes
+that many index parts (``part-XXX/``) that :func:`load_index` joins in a
+``faiss.IndexShards``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imprag_ray.data.io import atomic_dir, write_json_atomic
+from imprag_ray.index.store import IndexManifest, PassageIndex, corpus_fingerprint
+
+log = logging.getLogger(__name__)
+BUILD_STATE = "build.json"
+PARTS_FILE = "parts.json"
+
+
+# ------------------------------------------------------------------ settings
+def resolve_paths(cfg) -> dict[str, str]:
+    """Index dir, shard dir, corpus and checkpoint of a job (``index:`` defaults filled)."""
+    ic = cfg.index
+    out_dir = ic.out_dir or str(Path(cfg.output_dir) / "index")
+    return {
+        "out_dir": out_dir,
+        "shard_dir": ic.shard_dir or f"{out_dir.rstrip('/')}-embeddings",
+        "corpus": ic.corpus or cfg.data.corpus,
+        "checkpoint": ic.checkpoint or cfg.model.path,
+    }
+
+
+def fingerprint(corpus: str) -> str:
+    """sha256 of the corpus bytes: a local file (as ``index.store``), or every file of a
+    local directory / pyarrow URI in name order."""
+    if "://" not in corpus and Path(corpus).is_file():
+        return corpus_fingerprint(corpus)
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(corpus if "://" in corpus else str(Path(corpus).resolve()))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"index.corpus {corpus!r} does not exist")
+    files = (
+        [root]
+        if info.type == pafs.FileType.File
+        else sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.is_file)
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path[len(root) :].encode())
+        with fs.open_input_stream(path) as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_corpus_dataset(corpus: str, num_cpus: float):
+    """A Ray Dataset of corpus rows from JSONL or Parquet (file, directory or URI)."""
+    import ray
+
+    parquet = corpus.endswith(".parquet") or (
+        "://" not in corpus and Path(corpus).is_dir() and any(Path(corpus).glob("*.parquet"))
+    )
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if parquet:
+        return ray.data.read_parquet(corpus, **args)
+    return ray.data.read_json(corpus, lines=True, file_extensions=["jsonl", "json"], **args)
+
+
+# ------------------------------------------------------------ Ray Data stages
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], *, checkpoint: str, l_max: int, skip: frozenset) -> dict:
+    """Corpus rows -> {"id": str, "input_ids": int32 tokens[:l_max]}; drops ids in ``skip``
+    (rows of finished shards). Reader text is ``format_passage`` ("title: text")."""
+    from imprag_ray.data.records import Passage
+    from imprag_ray.data.templates import format_passage
+    from imprag_ray.model.checkpoint import load_tokenizer
+
+    if checkpoint not in _TOKENIZERS:
+        _TOKENIZERS[checkpoint] = load_tokenizer(checkpoint)
+    tok = _TOKENIZERS[checkpoint]
+    if "id" not in batch or "text" not in batch:
+        raise ValueError(f"corpus rows need 'id' and 'text' columns, got {sorted(batch)}")
+    ids = [str(i) for i in batch["id"]]
+    titles = batch.get("title", [None] * len(ids))
+    keep = [j for j, pid in enumerate(ids) if pid not in skip]
+    texts = [format_passage(Passage(ids[j], titles[j] or "", str(batch["text"][j]))) for j in keep]
+    tokens = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = np.empty(len(keep), dtype=object)
+    for j, t in enumerate(tokens):
+        out[j] = np.asarray(t[:l_max], dtype=np.int32)
+    return {"id": np.array([ids[j] for j in keep], dtype=object), "input_ids": out}
+
+
+class PassageEncoder:
+    """Ray Data actor: layer-b passage embeddings of token batches (bottom layers only)."""
+
+    def __init__(self, checkpoint: str, retrieval_layer: int, post_rope: bool, threads: int, dtype: str):
+        import torch
+
+        from imprag_ray.model.bottom import BottomModel
+
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = BottomModel.from_pretrained(
+            checkpoint,
+            retrieval_layer=retrieval_layer,
+            post_rope=post_rope,
+            dtype=getattr(torch, dtype),
+            device=device,
+        )
+        self.device = device
+        self.node = _node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        rows = list(batch["input_ids"])
+        width = max([len(r) for r in rows] + [1])
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            if len(r) == 0:
+                raise ValueError(f"passage {batch['id'][i]!r} has no tokens; give it a title or text")
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        with torch.no_grad():
+            emb = self.model.embed_passages(ids.to(self.device), mask.to(self.device))  # [B, dim]
+        return {
+            "id": batch["id"],
+            "embedding": emb.float().cpu().numpy(),
+            "node": np.array([self.node] * len(rows), dtype=object),
+        }
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (plain use of the class)
+        return "local"
+
+
+# ---------------------------------------------------------------- the shards
+def _shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+def finished_shards(shard_dir: Path) -> dict[int, dict]:
+    """{shard number: done marker} of the shards whose marker exists (written last)."""
+    out = {}
+    for marker in sorted(shard_dir.glob("shard-*.done.json")):
+        s = int(marker.name.split("-")[1].split(".")[0])
+        if (shard_dir / f"{_shard_name(s)}.npy").exists():
+            out[s] = json.loads(marker.read_text())
+    return out
+
+
+def _write_shard(shard_dir: Path, s: int, ids: list[str], emb: np.ndarray, nodes: list[str]) -> dict:
+    name = _shard_name(s)
+    tmp = shard_dir / f".{name}.npy.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, emb.astype(np.float32))
+    os.replace(tmp, shard_dir / f"{name}.npy")
+    write_json_atomic(shard_dir / f"{name}.ids.json", ids)
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n] = counts.get(n, 0) + 1
+    done = {"shard": s, "count": len(ids), "nodes": counts}
+    write_json_atomic(shard_dir / f"{name}.done.json", done)
+    return done
+
+
+def _check_state(shard_dir: Path, state: dict) -> None:
+    """Refuse to resume shards encoded with other weights / corpus / shard size."""
+    path = shard_dir / BUILD_STATE
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key, value in state.items():
+            if old.get(key) != value:
+                raise ValueError(
+                    f"{shard_dir} holds embedding shards built with another {key} "
+                    f"({str(old.get(key))[:16]} vs {str(value)[:16]}); delete that directory or set "
+                    "index.shard_dir to a fresh one"
+                )
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, state)
+
+
+def _global_rows(done: dict[int, dict], shard_size: int) -> Iterator[int]:
+    """Global row numbers of the rows still to encode: all rows but finished shards'."""
+    g = 0
+    while True:
+        s = g // shard_size
+        if s in done:
+            g = (s + 1) * shard_size
+            continue
+        yield g
+        g += 1
+
+
+def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
+    """Run the Ray Data pipeline; write missing embedding shards. Returns a report
+    (shards written / skipped, passages encoded, nodes per shard). Ray must be initialised."""
+    import ray
+
+    from imprag_ray.model.checkpoint import checkpoint_hash
+    from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
+
+    ic, paths = cfg.index, resolve_paths(cfg)
+    ckpt = paths["checkpoint"]
+    saved = json.loads((Path(ckpt) / IMPRAG_CONFIG_NAME).read_text())
+    b = cfg.model.retrieval_layer if cfg.model.retrieval_layer is not None else saved["retrieval_layer"]
+    post_rope = cfg.model.post_rope if cfg.model.post_rope is not None else saved.get("post_rope", False)
+    l_max = cfg.model.max_passage_tokens or saved["max_passage_tokens"]
+    state = {
+        "checkpoint_hash": checkpoint_hash(ckpt),
+        "retrieval_layer": b,
+        "post_rope": post_rope,
+        "max_passage_tokens": l_max,
+        "shard_size": ic.shard_size,
+        "corpus_fingerprint": fingerprint(paths["corpus"]),
+    }
+    shard_dir = Path(paths["shard_dir"])
+    _check_state(shard_dir, state)
+    done = finished_shards(shard_dir)
+    skip: set[str] = set()
+    for s in done:
+        skip.update(json.loads((shard_dir / f"{_shard_name(s)}.ids.json").read_text()))
+    if done:
+        echo(f"index: resuming, {len(done)} finished shard(s) in {shard_dir} are skipped")
+    ctx = ray.data.DataContext.get_current()
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # shard s = corpus rows [s*S, (s+1)*S)
+    try:
+        ds = read_corpus_dataset(paths["corpus"], ic.tokenize_num_cpus)
+        ds = ds.map_batches(
+            tokenize_batch,
+            batch_format="numpy",
+            num_cpus=ic.tokenize_num_cpus,
+            fn_kwargs={"checkpoint": ckpt, "l_max": l_max, "skip": frozenset(skip)},
+        )
+        ds = ds.map_batches(
+            PassageEncoder,
+            batch_format="numpy",
+            batch_size=ic.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=ic.encoders),
+            num_cpus=ic.num_cpus,
+            num_gpus=ic.num_gpus,
+            fn_constructor_kwargs={
+                "checkpoint": ckpt,
+                "retrieval_layer": b,
+                "post_rope": post_rope,
+                "threads": ic.threads,
+                "dtype": cfg.model.dtype,
+            },
+        )
+        written = _drain(ds, shard_dir, done, ic.shard_size, echo)
+    finally:
+        ctx.execution_options.preserve_order = old_order
+    all_done = finished_shards(shard_dir)
+    return {
+        "shard_dir": str(shard_dir),
+        "shards_written": sorted(written),
+        "shards_skipped": sorted(done),
+        "passages_encoded": sum(written.values()),
+        "count": sum(d["count"] for d in all_done.values()),
+        "nodes": {s: d["nodes"] for s, d in sorted(all_done.items())},
+        **state,
+    }
+
+
+def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) -> dict[int, int]:
+    """Stream the encoder output in corpus order into shard files; {shard: count} written."""
+    rows = _global_rows(done, shard_size)
+    written: dict[int, int] = {}
+    current, ids, embs, nodes = None, [], [], []
+
+    def flush():
+        if current is None or not ids:
+            return
+        info = _write_shard(shard_dir, current, ids, np.concatenate(embs), nodes)
+        written[current] = info["count"]
+        echo(f"index: shard {current} written ({info['count']} passages, nodes {sorted(info['nodes'])})")
+
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for j in range(len(batch["id"])):
+            s = next(rows) // shard_size
+            if s != current:
+                flush()
+                current, ids, embs, nodes = s, [], [], []
+            ids.append(str(batch["id"][j]))
+            embs.append(batch["embedding"][j : j + 1])
+            nodes.append(str(batch["node"][j]))
+    flush()
+    return written
+
+
+# ------------------------------------------------------------------ the index
+def iter_shards(shard_dir: Path, shards: list[int]) -> Iterator[tuple[list[str], np.ndarray]]:
+    for s in shards:
+        name = _shard_name(s)
+        ids = json.loads((shard_dir / f"{name}.ids.json").read_text())
+        yield ids, np.load(shard_dir / f"{name}.npy", mmap_mode="r")
+
+
+def train_sample(shard_dir: Path, done: dict[int, dict], n: int, seed: int) -> np.ndarray:
+    """``n`` embeddings drawn uniformly (seeded) over all shards, in corpus order."""
+    counts = [done[s]["count"] for s in sorted(done)]
+    total = sum(counts)
+    pick = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    out, start = [], 0
+    for (_, emb), count in zip(iter_shards(shard_dir, sorted(done)), counts, strict=True):
+        local = pick[(pick >= start) & (pick < start + count)] - start
+        out.append(np.asarray(emb[local], dtype=np.float32))
+        start += count
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _build_part(shard_dir, shards, dim, index_type, sample, manifest_fields, use_gpu) -> PassageIndex:
+    """One FAISS index over ``shards``; on GPU FAISS when ``use_gpu`` (copied back to CPU)."""
+    if not use_gpu:
+        return PassageIndex.build(
+            iter_shards(shard_dir, shards),
+            dim=dim,
+            index_type=index_type,
+            train_sample=sample,
+            manifest_fields=manifest_fields,
+        )
+    import faiss
+
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError:  # e.g. HNSW has no GPU version: stay on CPU
+        log.info("index type %s has no GPU FAISS version; building on CPU", index_type)
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    ids: list[str] = []
+    for shard_ids, emb in iter_shards(shard_dir, shards):
+        index.add(np.ascontiguousarray(emb, dtype=np.float32))
+        ids.extend(shard_ids)
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    manifest = IndexManifest(dim=dim, count=len(ids), index_type=index_type, **manifest_fields)
+    return PassageIndex(index, ids, manifest)
+
+
+def build_faiss(cfg, report: dict, *, echo: Callable[[str], None] = print) -> Path:
+    """FAISS index (or ``index.num_shards`` parts) from the finished shards -> out_dir."""
+    import faiss
+
+    ic, paths = cfg.index, resolve_paths(cfg)
+    shard_dir, out_dir = Path(paths["shard_dir"]), Path(paths["out_dir"])
+    done = finished_shards(shard_dir)
+    order = sorted(done)
+    if not order or order != list(range(len(order))):
+        raise ValueError(f"{shard_dir}: shards {order} are not all finished; rerun `imprag index build`")
+    dim = int(np.load(shard_dir / f"{_shard_name(0)}.npy", mmap_mode="r").shape[1])
+    try:
+        probe = faiss.index_factory(dim, ic.type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(
+            f"index.type {ic.type!r} is not a valid FAISS factory string for dim {dim} "
+            "(e.g. 'Flat', 'IVF1024,PQ64' with 64 dividing the dim, 'HNSW32')"
+        ) from err
+    sample = train_sample(shard_dir, done, ic.train_sample, ic.seed) if not probe.is_trained else None
+    fields = {k: report[k] for k in ("checkpoint_hash", "retrieval_layer", "post_rope", "corpus_fingerprint")}
+    use_gpu = ic.gpu_faiss and faiss.get_num_gpus() > 0
+    if ic.num_shards > len(order):
+        raise ValueError(
+            f"index.num_shards={ic.num_shards} > {len(order)} embedding shards; lower index.num_shards "
+            "or index.shard_size"
+        )
+    groups = [list(g) for g in np.array_split(np.array(order), ic.num_shards)]
+    parts = [
+        _build_part(shard_dir, [int(s) for s in g], dim, ic.type, sample, fields, use_gpu) for g in groups
+    ]
+    if ic.num_shards == 1:
+        parts[0].save(out_dir)
+    else:
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            for i, part in enumerate(parts):
+                part.save(tmp / f"part-{i:03d}")
+            count = sum(len(p) for p in parts)
+            manifest = replace(parts[0].manifest, count=count)
+            (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
+            (tmp / PARTS_FILE).write_text(json.dumps([f"part-{i:03d}" for i in range(len(parts))]))
+    echo(f"index: {ic.type} over {sum(len(p) for p in parts)} passages in {len(parts)} part(s) -> {out_dir}")
+    return out_dir
+
+
+def load_index(
+    index_dir: str | os.PathLike,
+    *,
+    checkpoint_hash: str,
+    retrieval_layer: int | None = None,
+    post_rope: bool | None = None,
+) -> PassageIndex:
+    """Load an index written by :func:`build_index` (one part or ``IndexShards`` of parts),
+    refusing one built with another checkpoint (``IndexMismatchError``)."""
+    index_dir = Path(index_dir)
+    check = {"checkpoint_hash": checkpoint_hash, "retrieval_layer": retrieval_layer, "post_rope": post_rope}
+    if not (index_dir / PARTS_FILE).exists():
+        return PassageIndex.load(index_dir, **check)
+    import faiss
+
+    parts = [
+        PassageIndex.load(index_dir / name, **check)
+        for name in json.loads((index_dir / PARTS_FILE).read_text())
+    ]
+    shards = faiss.IndexShards(parts[0].manifest.dim, False, True)  # successive ids
+    for p in parts:
+        shards.add_shard(p.index)
+    merged = PassageIndex(
+        shards,
+        [i for p in parts for i in p.ids],
+        replace(parts[0].manifest, count=sum(len(p) for p in parts)),
+    )
+    merged.parts = parts  # keep the sub-indexes alive (IndexShards does not own them)
+    return merged
+
+
+def build_index(cfg, *, echo: Callable[[str], None] = print) -> dict:
+    """Encode the corpus with Ray Data (resuming finished shards) and build the FAISS index.
+
+    Ray must already be initialised (the CLI and the demo do it). Returns the report of
+    :func:`encode_shards` plus ``out_dir``.
+    """
+    report = encode_shards(cfg, echo=echo)
+    out_dir = build_faiss(cfg, report, echo=echo)
+    return {**report, "out_dir": str(out_dir)}
