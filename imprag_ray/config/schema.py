@@ -18,7 +18,7 @@ the defaults we use and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from imprag_ray.config.loader import ConfigError
 
@@ -212,6 +212,95 @@ class RayTrainConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """``index:`` corpus encoding into a FAISS index (``imprag index build``,
+    ``imprag_ray.pipelines.encode``).
+
+    Encoder actors load only layers 0..b-1 + layer b's projections of ``checkpoint``
+    (null = ``model.path``). Embedding shards of ``shard_size`` passages (corpus order)
+    go to ``shard_dir`` (null = ``<out_dir>-embeddings``); a rerun skips shards already
+    finished there. ``num_shards > 1`` splits the FAISS index into that many parts
+    (faiss IndexShards) for corpora that do not fit one device.
+    """
+
+    out_dir: str | None = None  # null = <output_dir>/index
+    corpus: str | None = None  # null = data.corpus; a path, directory or pyarrow URI (s3://...)
+    checkpoint: str | None = None  # null = model.path
+    type: str = "Flat"  # FAISS factory string: Flat, IVF1024,PQ64, HNSW32, ...
+    train_sample: int = 65536  # vectors used to train IVF/PQ
+    num_shards: int = 1
+    shard_size: int = 4096  # passages per embedding shard
+    shard_dir: str | None = None
+    encoders: int = 1  # encoder actor pool size
+    num_cpus: float = 1.0  # per encoder actor
+    num_gpus: float = 0.0  # per encoder actor (> 0 runs it on the GPU)
+    tokenize_num_cpus: float = 0.5  # per read/tokenize task
+    batch_size: int = 64  # passages per encoder call
+    threads: int = 1  # torch threads per encoder actor
+    gpu_faiss: bool = True  # build on GPU FAISS when faiss sees GPUs
+    seed: int = 0  # training-sample draw
+
+    def validate(self) -> None:
+        for key in ("train_sample", "num_shards", "shard_size", "encoders", "batch_size", "threads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.tokenize_num_cpus < 0:
+            raise ConfigError.at("num_cpus", "num_cpus, num_gpus and tokenize_num_cpus must be >= 0")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ConfigError.at("num_cpus", "an encoder needs CPUs or GPUs: set num_cpus > 0 or num_gpus > 0")
+        if not self.type.strip():
+            raise ConfigError.at("type", "must be a FAISS factory string such as Flat, IVF1024,PQ64 or HNSW32")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """``batch:`` offline inference over task files (``imprag batch``,
+    ``imprag_ray.pipelines.batch``): read -> stage 1 (query embedding) -> search ->
+    stage 2 generation -> JSONL/Parquet -> metrics.
+
+    ``retriever``: ``imprag`` (the model's own implicit query, searched in ``index_dir``),
+    ``bm25`` (explicit-query baseline: the whole prompt as a BM25 query over the corpus),
+    or ``none`` (closed book: no passages). ``top_k`` passages are read (null = the
+    checkpoint's k; at most k); ``search_depth`` ids are retrieved and written for recall@k.
+    """
+
+    inputs: tuple[TaskFile, ...] = ()  # empty = data.eval
+    output: str | None = None  # .jsonl or .parquet; null = <output_dir>/batch/predictions.jsonl
+    metrics: str | None = None  # null = <output> with suffix .metrics.json
+    index_dir: str | None = None  # null = index.out_dir
+    checkpoint: str | None = None  # null = model.path
+    retriever: Literal["imprag", "bm25", "none"] = "imprag"
+    engine: Literal["torch", "vllm"] = "torch"
+    engine_options: dict[str, Any] = field(default_factory=dict)  # passed to build_engine
+    top_k: int | None = None
+    search_depth: int | None = None  # null = max(top_k, eval.recall_ks)
+    max_new_tokens: int | None = None  # null = eval.max_new_tokens
+    batch_size: int = 32  # examples per actor call
+    encoders: int = 1  # stage-1 actors
+    searchers: int = 1  # actors holding the index (or BM25)
+    generators: int = 1  # stage-2 actors
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per stage-1 / stage-2 actor
+    threads: int = 1  # torch threads per actor
+    limit: int | None = None  # examples per input file (null = all)
+
+    def validate(self) -> None:
+        for key in ("top_k", "search_depth", "max_new_tokens", "limit"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError.at(key, f"must be > 0 or null, got {value}")
+        for key in ("batch_size", "encoders", "searchers", "generators", "threads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+        if self.top_k and self.search_depth and self.search_depth < self.top_k:
+            raise ConfigError.at("search_depth", f"must be >= top_k ({self.top_k}), got {self.search_depth}")
+        if self.output is not None and not self.output.endswith((".jsonl", ".parquet")):
+            raise ConfigError.at("output", f"must end in .jsonl or .parquet, got {self.output!r}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError.at("num_cpus", "num_cpus and num_gpus must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainJobConfig:
     """``imprag train``: model + data + teacher + schedule + evaluation."""
 
@@ -225,3 +314,5 @@ class TrainJobConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (null = torch default)
     ray: RayTrainConfig = RayTrainConfig()  # imprag train on Ray Train (ignored with --no-ray)
+    index: IndexConfig = IndexConfig()  # imprag index build (Ray Data corpus encoding)
+    batch: BatchConfig = BatchConfig()  # imprag batch (Ray Data offline inference)
