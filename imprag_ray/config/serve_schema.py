@@ -103,7 +103,6 @@ class AutoscalingSection:
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
-    metrics_interval_s: float = 1.0
     look_back_period_s: float = 10.0
 
     def validate(self) -> None:
@@ -125,9 +124,8 @@ class AutoscalingSection:
         for key in ("upscale_delay_s", "downscale_delay_s"):
             if getattr(self, key) < 0:
                 raise ConfigError.at(key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("metrics_interval_s", "look_back_period_s"):
-            if getattr(self, key) <= 0:
-                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
+        if self.look_back_period_s <= 0:
+            raise ConfigError.at("look_back_period_s", f"must be > 0, got {self.look_back_period_s}")
 
 
 @dataclass(frozen=True)

@@ -239,9 +239,7 @@ class Ingress:
                 self._stream(parsed, version, tokenizer, prompt_ids, passages), media_type="text/event-stream"
             )
         result = await self._generate(version, prompt_ids, passages, parsed)
-        from imprag_ray.eval.predict import decode_answer
-
-        text = decode_answer(tokenizer, result["token_ids"])
+        text = tokenizer.decode(result["token_ids"], skip_special_tokens=True)  # raw, as OpenAI
         body = api.chat_body if parsed.kind == "chat" else api.completion_body
         req_id = api.new_id("chatcmpl" if parsed.kind == "chat" else "cmpl")
         return JSONResponse(

@@ -99,7 +99,14 @@ def load_bottom_model(checkpoint: str, dtype: str = "float32"):
     if getattr(hf_config, "layer_types", None):
         hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
     hf_config.tie_word_embeddings = False  # keep embed_tokens even if the head was tied
-    lm = AutoModelForCausalLM.from_pretrained(checkpoint, config=hf_config, dtype=getattr(torch, dtype))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped layers are "unexpected keys": by design
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(checkpoint, config=hf_config, dtype=getattr(torch, dtype))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     lm.lm_head = nn.Identity()  # stage 1 never produces logits
     model = ImpRAGModel.__new__(ImpRAGModel)  # skip the t < N check: layers > b are absent
     nn.Module.__init__(model)
