@@ -1,0 +1,192 @@
+"""VLLMEngine (vLLM on CPU, out-of-tree ImpRAG model) against the torch reference engine.
+
+One engine for the module (vLLM starts in ~30-60 s on 2 cores). It runs with
+``max_num_batched_tokens=64`` so every request with passages (region C = k * l_max =
+144 slots + prompt) is prefilled in chunks, and with prefix caching on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from imprag_ray.data.readers import read_corpus
+from imprag_ray.data.tokenized import PassageStore, encode_prompt_text
+from imprag_ray.engine import EngineError, GenerationRequest, Sampling, build_engine
+from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
+from imprag_ray.model.imprag import ImpRAGModel
+
+pytestmark = pytest.mark.vllm
+
+MAX_NEW = 8
+BATCHED_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_world, tmp_path_factory) -> Path:
+    """A copy of the tiny checkpoint (the reload test writes next to it)."""
+    out = tmp_path_factory.mktemp("vllm_ckpt") / "a"
+    shutil.copytree(tiny_world["ckpt"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    eng = build_engine(
+        "vllm", str(ckpt), max_num_seqs=8, max_num_batched_tokens=BATCHED_TOKENS,
+        kv_cache_gib=0.25, max_model_len=512,
+    )
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return build_engine("torch", str(ckpt), device="cpu", max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def requests_(tiny_world, ckpt) -> list[GenerationRequest]:
+    """24 prompts: 0..k passages (some empty, some cut short, some filling the region
+    exactly), PAD in the region, four closed-book."""
+    tok = load_tokenizer(ckpt)
+    passages = read_corpus(tiny_world["world"] / "corpus.jsonl")[:80]
+    model_k, l_max = 3, 48
+    store = PassageStore(passages, tok, l_max)
+    out = []
+    for i in range(24):
+        prompt = tuple(encode_prompt_text(tok, f"Q: what is known about {passages[i].title}? A:", 40))
+        if i % 6 == 5:
+            pas = None  # closed book
+        else:
+            count = i % (model_k + 1)
+            chosen = [tuple(store.tokens[p.id]) for p in passages[2 * i : 2 * i + count]]
+            if i % 4 == 1 and chosen:
+                chosen[0] = chosen[0][: 5 + i]  # a short passage
+            if i % 7 == 3:
+                chosen.append(())  # an empty passage slot
+            if i % 8 == 7:  # k passages of exactly l_max tokens: a region without PAD
+                both = [store.tokens[p.id] for p in passages[40 + i : 46 + i]]
+                chosen = [tuple((both[2 * j] + both[2 * j + 1])[:l_max]) for j in range(model_k)]
+            pas = tuple(chosen[:model_k])
+        out.append(GenerationRequest(prompt, pas, Sampling(MAX_NEW), f"r{i}"))
+    return out
+
+
+def _ref(reference, reqs):
+    return [r.token_ids for r in reference.generate(reqs)]
+
+
+def test_requests_cover_the_layout(requests_, engine):
+    with_passages = [r for r in requests_ if r.passages is not None]
+    assert len(with_passages) >= 20
+    lengths = {sum(map(len, r.passages)) for r in with_passages}
+    assert 0 in lengths and max(lengths) == engine.num_passages * engine.max_passage_tokens
+    assert any(0 < n < engine.num_passages * engine.max_passage_tokens for n in lengths)  # PAD slots
+    assert any(r.passages is None for r in requests_)
+    # every request with passages is longer than one scheduler step: chunked prefill
+    c = engine.num_passages * engine.max_passage_tokens
+    assert all(c + len(r.prompt_ids) > BATCHED_TOKENS for r in with_passages)
+    assert engine._llm.vllm_config.scheduler_config.max_num_batched_tokens == BATCHED_TOKENS
+
+
+def test_batched_greedy_equals_torch_engine(engine, reference, requests_):
+    results = engine.generate(requests_)  # one call: vLLM batches all 24
+    expected = _ref(reference, requests_)
+    assert [r.request_id for r in results] == [r.request_id for r in requests_]
+    mismatches = [(r.request_id, r.token_ids, e) for r, e in zip(results, expected, strict=True) if r.token_ids != e]
+    assert not mismatches, mismatches
+    for res in results:
+        assert res.finish_reason == ("stop" if len(res.token_ids) < MAX_NEW else "length")
+    # the passages matter (else equality would prove little about the reader mask)
+    same_prompt = [GenerationRequest(requests_[1].prompt_ids, p, Sampling(MAX_NEW)) for p in
+                   (None, requests_[1].passages, requests_[2].passages, requests_[3].passages)]
+    outs = [r.token_ids for r in engine.generate(same_prompt)]
+    assert outs == _ref(reference, same_prompt)
+    assert len({tuple(o) for o in outs}) > 1
+
+
+def test_prefix_cache_hits_keep_outputs_exact(engine, reference, requests_):
+    full = [r for r in requests_ if r.passages and sum(map(len, r.passages)) > 0][:4]
+    before = engine.cached_prompt_tokens
+    # same passages, new prompts: the passage region (>= one 128-token block) is reused
+    tok_shift = [GenerationRequest(r.prompt_ids[:-1] + (r.prompt_ids[1],), r.passages, Sampling(MAX_NEW))
+                 for r in full]
+    first = engine.generate(full)
+    second = engine.generate(tok_shift)
+    assert engine.cached_prompt_tokens - before >= 128 * len(full)
+    assert [r.token_ids for r in first] == _ref(reference, full)
+    assert [r.token_ids for r in second] == _ref(reference, tok_shift)
+
+
+def test_stream_equals_generate_and_threads_share_the_engine(engine, reference, requests_):
+    reqs = requests_[:6]
+    expected = _ref(reference, reqs)
+    streamed: dict[int, list[int]] = {}
+    chunks_seen: dict[int, int] = {}
+
+    def consume(i: int) -> None:
+        chunks = list(engine.stream(reqs[i]))
+        chunks_seen[i] = len(chunks)
+        streamed[i] = [t for c in chunks for t in c]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(reqs))]
+    generated: list = []
+    threads.append(threading.Thread(target=lambda: generated.extend(engine.generate(requests_[6:12]))))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert [streamed[i] for i in range(len(reqs))] == expected
+    assert max(chunks_seen.values()) > 1  # incremental, not one final chunk
+    assert [r.token_ids for r in generated] == _ref(reference, requests_[6:12])
+
+
+def test_stream_can_be_abandoned(engine, requests_):
+    it = engine.stream(GenerationRequest(requests_[0].prompt_ids, requests_[0].passages, Sampling(64)))
+    next(it)
+    it.close()  # aborts the request in vLLM; the engine keeps serving
+    assert engine.generate(requests_[:1])[0].token_ids
+
+
+def test_bad_requests_are_refused(engine, requests_):
+    r = requests_[0]
+    too_many = tuple(((5,),) * (engine.num_passages + 1))
+    with pytest.raises(EngineError, match="num_passages"):
+        engine.generate([GenerationRequest(r.prompt_ids, too_many)])
+    with pytest.raises(EngineError, match="max_passage_tokens"):
+        engine.generate([GenerationRequest(r.prompt_ids, ((7,) * (engine.max_passage_tokens + 1),))])
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.generate([GenerationRequest((1, 10**6), None)])
+    with pytest.raises(EngineError, match="max_model_len"):
+        list(engine.stream(GenerationRequest((1,) * 600, None)))
+
+
+def test_reload_serves_exactly_the_new_checkpoint(engine, ckpt, requests_, tmp_path):
+    model = ImpRAGModel.from_pretrained(ckpt)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    new_dir = tmp_path / "b"
+    model.save_pretrained(new_dir)
+    reqs = requests_[:8]
+    old = [r.token_ids for r in engine.generate(reqs)]
+
+    new_hash = engine.reload(str(new_dir))
+    assert new_hash == checkpoint_hash(new_dir) == engine.checkpoint_hash != checkpoint_hash(ckpt)
+    now = [r.token_ids for r in engine.generate(reqs)]
+    assert now == _ref(build_engine("torch", str(new_dir), device="cpu"), reqs)
+    assert now != old
+
+    bad = tmp_path / "bad"
+    shutil.copytree(new_dir, bad)
+    cfg = (bad / "imprag_config.json").read_text().replace('"num_passages": 3', '"num_passages": 4')
+    (bad / "imprag_config.json").write_text(cfg)
+    with pytest.raises(EngineError, match="num_passages"):
+        engine.reload(str(bad))
+    assert engine.checkpoint_hash == new_hash
