@@ -85,10 +85,32 @@ def _add_bench(sub) -> None:
             importlib.import_module(f"imprag_ray.bench.{name}").add_parser(bsub)
 
 
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="passage indexes (Ray Data corpus encoding + FAISS)")
+    isub = p.add_subparsers(dest="index_cmd", required=True)
+    b = isub.add_parser("build", help="encode the corpus with the bottom layers on Ray Data; build the index")
+    b.add_argument("--config", required=True, type=Path)
+    b.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    b.add_argument("--json", type=Path, default=None, help="write the build report here")
+    b.add_argument("overrides", nargs="*", help="key.sub=value (e.g. index.type=IVF256,PQ16)")
+    b.set_defaults(func=cmd_index_build)
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="batch offline inference on Ray Data (JSONL/Parquet + metrics)")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    p.add_argument("overrides", nargs="*", help="key.sub=value (e.g. batch.retriever=bm25)")
+    p.set_defaults(func=cmd_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_bench):
+        add(sub)
+    for add in (_add_index, _add_batch):
         add(sub)
     return parser
 
@@ -152,6 +174,35 @@ def cmd_demo(args) -> int:
     from imprag_ray.demo import run_demo
 
     run_demo(args.json, args.overrides)
+    return 0
+
+
+def cmd_index_build(args) -> int:
+    from imprag_ray.pipelines.encode import build_index, connect_ray
+
+    cfg = load_train_config(args.config, args.overrides)
+    connect_ray(args.address)
+    report = build_index(cfg, echo=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        from imprag_ray.data.io import write_json_atomic
+
+        write_json_atomic(args.json, report)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from imprag_ray.pipelines.batch import run_batch
+    from imprag_ray.pipelines.encode import connect_ray
+
+    cfg = load_train_config(args.config, args.overrides)
+    connect_ray(args.address)
+    result = run_batch(cfg, echo=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result["metrics"], indent=2))
+    if args.json:
+        from imprag_ray.data.io import write_json_atomic
+
+        write_json_atomic(args.json, result["metrics"])
     return 0
 
 
