@@ -39,22 +39,35 @@ def load_job(job: Path, command: str, overrides: list[str]):
     return load_config(schema, job, overrides)
 
 
-def check_cluster(cfg: Any, cluster_file: Path) -> None:
-    """With a ``ray:`` section, check that its workers fit the cluster file."""
+def check_cluster(cfg: Any, cluster_file: Path, command: str = "train") -> None:
+    """Check that the job's Ray workers for ``command`` fit the cluster file's node types:
+    training workers (``ray:``), encoder actors (``index:``) or generation actors (``batch:``)."""
     from imprag_ray.config.cluster import check_fits, load_cluster
 
     cluster = load_cluster(cluster_file)
-    ray_cfg = getattr(cfg, "ray", None)
-    if ray_cfg is None:
-        return
-    gpus = 1.0 if getattr(ray_cfg, "use_gpu", False) else 0.0
-    check_fits(
-        cluster,
-        num_workers=int(getattr(ray_cfg, "num_workers", 1)),
-        num_cpus=float(getattr(ray_cfg, "cpus_per_worker", 1)),
-        num_gpus=float(getattr(ray_cfg, "gpus_per_worker", gpus) or gpus),
-        resources=dict(getattr(ray_cfg, "resources_per_worker", None) or {}),
-    )
+    if command == "train" and hasattr(cfg, "ray"):
+        r = cfg.ray
+        check_fits(
+            cluster,
+            num_workers=r.num_workers,
+            num_cpus=r.cpus_per_worker,
+            num_gpus=1.0 if r.use_gpu else 0.0,
+            resources=dict(r.resources_per_worker),
+        )
+    elif command == "index" and hasattr(cfg, "index"):
+        i = cfg.index
+        check_fits(
+            cluster, num_workers=i.encoders, num_cpus=i.num_cpus, num_gpus=i.num_gpus, key="index.encoders"
+        )
+    elif command == "batch" and hasattr(cfg, "batch"):
+        b = cfg.batch
+        check_fits(
+            cluster,
+            num_workers=b.generators,
+            num_cpus=b.num_cpus,
+            num_gpus=b.num_gpus,
+            key="batch.generators",
+        )
 
 
 def build_submission(

@@ -98,3 +98,36 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
     other.write_text("apiVersion: v1\nkind: Pod\n")
     with pytest.raises(ConfigError, match="not a local"):
         load_cluster(other)
+
+
+PAPER_JOBS = {"llama3_2_3b_imprag.yaml": (7, 19, "ddp"), "llama3_1_8b_imprag.yaml": (7, 23, "fsdp")}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_JOBS))
+def test_paper_scale_jobs_fit_the_gpu_clusters(name):
+    from imprag_ray.config.loader import load_config
+    from imprag_ray.config.schema import TrainJobConfig
+    from imprag_ray.model.presets import get_preset
+    from imprag_ray.submit import check_cluster
+
+    cfg = load_config(TrainJobConfig, ROOT / "jobs" / name)
+    b, t, strategy = PAPER_JOBS[name]
+    preset = get_preset("llama3.2-3b" if "3b" in name else "llama3.1-8b")
+    assert (cfg.model.retrieval_layer, cfg.model.reader_last_layer) == (b, t)
+    assert (preset.retrieval_layer, preset.reader_last_layer) == (b, t)
+    assert cfg.model.num_passages == 10 and cfg.train.epochs == 10 and cfg.train.warmup_epochs == 3
+    assert cfg.ray.use_gpu and cfg.ray.strategy == strategy and cfg.model.dtype == "bfloat16"
+    assert cfg.ray.storage_path.startswith("s3://")
+    assert cfg.batch.engine == "vllm" and cfg.index.num_shards > 1
+    # cluster-side inputs: absolute paths on the shared volume (they cannot exist here)
+    paths = [
+        cfg.model.path,
+        cfg.data.corpus,
+        *(f.path for f in cfg.data.train + cfg.data.dev + cfg.data.eval),
+    ]
+    assert all(p.startswith("/mnt/data/") for p in paths)
+    for cluster in ("clusters/kuberay/raycluster.yaml", "clusters/aws-gpu.yaml"):
+        for command in ("train", "index", "batch"):
+            check_cluster(cfg, ROOT / cluster, command)
+    with pytest.raises(ConfigError, match=r"ray\.num_workers"):
+        check_cluster(cfg, ROOT / "clusters/local.yaml", "train")

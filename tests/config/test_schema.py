@@ -10,7 +10,8 @@ from imprag_ray.config.loader import ConfigError, check_paths, load_config
 from imprag_ray.config.schema import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+# serve_*.yaml are Serve jobs (ServeJobConfig, tests/serve); the rest are training jobs.
+JOBS = sorted(p for p in (ROOT / "jobs").glob("*.yaml") if not p.name.startswith("serve_"))
 
 MINIMAL = """
 name: t
