@@ -33,6 +33,10 @@ class TaskFile:
     path: str = field(metadata={"path": "file"})
     format: Literal["qa", "fact_check", "slot_filling", "entity_linking", "instruction", "corpus_text"]
     limit: int | None = None  # use only the first N examples
+    # Reader context of training items: "teacher" = the teacher retriever's top-k (the
+    # ImpRAG recipe); "gold" = the gold passage (provenance) among k-1 random passages, reader
+    # loss only (a reading curriculum; needs provenance on every example).
+    context: Literal["teacher", "gold"] = "teacher"
 
     def validate(self) -> None:
         if self.limit is not None and self.limit <= 0:

@@ -7,6 +7,9 @@
   train/instruction.jsonl       retrieval-free prompts (reading comprehension, true/false
                                 verification, next/previous sentence, [MASK] denoising)
   train/corpus_text.jsonl       plain passage text (~10% of the training mix)
+  train/reading.jsonl           reading curriculum over train + distractor people: "copy the
+                                passage about X" and QA-format questions, each to be read with
+                                its gold passage in the reader's slots (job `context: gold`)
   dev/qa.jsonl                  QA about dev held-out people
   eval/qa.jsonl                 QA about test held-out people (seen format)
   eval/slot_filling.jsonl       "Ilsa Dren [SEP] place of birth"           (unseen format)

@@ -288,3 +288,5 @@ VERIFY_PROMPT = (
 NEXT_PROMPT = "Passage: {sentence} Write the sentence that comes next. A:"
 PREV_PROMPT = "Passage: {sentence} Write the sentence that came before. A:"
 DENOISE_PROMPT = "Fill in the [MASK] in the passage. Passage: {masked} A:"
+# Reading curriculum (passages in the reader's slots, not in the prompt).
+COPY_PROMPT = "Copy the passage about {name}. A:"

@@ -4,6 +4,8 @@ A training item is a prompt (``<s>`` + template text), a target (answer + ``</s>
 for retrieval formats, the teacher's passage ids: the top-k read in context, the
 positives and hard negatives for warmup NCE, the candidates for self-distillation.
 Retrieval-free items (instruction tasks, plain corpus text) carry no passages.
+Reading items (``make_reading_item``) carry the gold passage among random others in the
+reader's context but no retrieval labels: they train the reader (J_gen) only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Item:
 
     @property
     def retrieval(self) -> bool:
-        return bool(self.context)
+        """Trains the retriever (J_ret): has passages in context and teacher labels."""
+        return bool(self.context) and bool(self.positives)
 
 
 def make_item(
@@ -84,13 +87,42 @@ def make_item(
     )
 
 
+def make_reading_item(
+    example: TaskExample,
+    tokenizer,
+    others: Sequence[str],
+    *,
+    k: int,
+    max_prompt_tokens: int,
+    max_target_tokens: int,
+    rng: random.Random,
+) -> Item:
+    """A reader-only item: the example's gold passage plus k-1 passages drawn from
+    ``others`` in random order in the reader's context; no retrieval labels (J_gen only).
+
+    Reading with the gold passage at hand is the easy case of what retrieval-format items
+    need; it teaches the middle layers to copy from the passages early (measured: without
+    it the tiny model learns the answer type but not to read).
+    """
+    if not example.provenance:
+        raise ValueError(f"example {example.id!r} has no provenance; a reading item needs its gold passage")
+    item = make_item(example, tokenizer, None, k=k, num_positives=0, hard_negative_ranks=(0, 0),
+                     num_hard_negatives=0, num_candidates=0, max_prompt_tokens=max_prompt_tokens,
+                     max_target_tokens=max_target_tokens, rng=rng)
+    gold = example.provenance[0]
+    pool = [pid for pid in rng.sample(list(others), min(len(others), k)) if pid != gold][: k - 1]
+    item.context = [gold, *pool]
+    rng.shuffle(item.context)
+    return item
+
+
 @dataclass
 class Batch:
     """Tensors of one training step.
 
     input_ids/attention_mask/labels: [B, L] (prompt + target, labels -100 on the prompt);
-    query_index: [B] last prompt token; passage_ids/passage_mask: [B, k, l_max] context;
-    retrieval: [B] bool; pool_ids: passage ids of the step's passage pool, deduplicated
+    query_index: [B] last prompt token; passage_ids/passage_mask: [B, k, l_max] context
+    (rows without context read no passage); retrieval: [B] bool, rows that train J_ret; pool_ids: passage ids of the step's passage pool, deduplicated
     (warmup: positives + hard negatives of all retrieval rows; distill: candidates) with
     tokens pool_tokens/pool_mask [M, l_max]; positive / negative: [R, M] bool for the R
     retrieval rows (a passage the teacher ranks above the hard-negative range is neither:
@@ -136,7 +168,7 @@ def collate(
     query_index = torch.tensor([len(it.prompt) - 1 for it in items])
     retrieval = torch.tensor([it.retrieval and with_passages for it in items], dtype=torch.bool)
     passage_ids = passage_mask = None
-    if with_passages and bool(retrieval.any()):
+    if with_passages and any(it.context for it in items):
         passage_ids = torch.zeros(bsz, k, store.l_max, dtype=torch.long)
         passage_mask = torch.zeros_like(passage_ids)
         for i, it in enumerate(items):

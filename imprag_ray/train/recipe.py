@@ -37,7 +37,7 @@ from imprag_ray.model.checkpoint import load_tokenizer
 from imprag_ray.model.imprag import ImpRAGConfigError, ImpRAGModel
 from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce
 from imprag_ray.retrievers.teachers import build_teacher
-from imprag_ray.train.batching import Batch, Item, collate, make_item
+from imprag_ray.train.batching import Batch, Item, collate, make_item, make_reading_item
 
 # gather(local [M, d]) -> (all workers' passages [M_all, d], offset of the local rows in it);
 # the local rows must keep their gradient (Ray Train's all-gather does so for its own rank).
@@ -106,10 +106,11 @@ class ImpRAGRecipe:
         self.passages = read_corpus(cfg.data.corpus)
         self.store = PassageStore(self.passages, self.tokenizer, self.model.l_max)
         self.passage_texts = {p.id: format_passage(p) for p in self.passages}  # answer-string recall
-        train = [ex for _, exs in read_task_files(cfg.data.train) for ex in exs]
-        if not train:
+        train = read_task_files(cfg.data.train)
+        if not any(exs for _, exs in train):
             raise ValueError("data.train lists no examples; add at least one task file")
-        self.items = self._make_items(train)
+        # Items in file order (the Ray Train example source indexes them that way).
+        self.items = [it for spec, exs in train for it in self._items_of(spec, exs)]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         if resume_from:
@@ -119,12 +120,27 @@ class ImpRAGRecipe:
     def closed_book(self) -> bool:
         return self.cfg.train.mode == "closed_book"
 
+    def _items_of(self, spec: TaskFile, examples: list[TaskExample]) -> list[Item]:
+        if spec.context == "teacher":
+            return self._make_items(examples)
+        d = self.cfg.data
+        rng = random.Random(f"{self.cfg.seed}-{spec.path}")
+        missing = next((ex.id for ex in examples if not ex.provenance), None)
+        if missing is not None:
+            raise ConfigError("data.train", f"{spec.path}: example {missing!r} has no provenance, "
+                              "which context: gold needs; use context: teacher for this file")
+        return [make_reading_item(ex, self.tokenizer, self.store.order, k=self.model.k,
+                                  max_prompt_tokens=d.max_prompt_tokens,
+                                  max_target_tokens=d.max_target_tokens, rng=rng) for ex in examples]
+
     def _make_items(self, examples: list[TaskExample]) -> list[Item]:
         t = self.cfg.teacher
         retrieval = [ex for ex in examples if ex.format in RETRIEVAL_FORMATS]
         rankings: dict[str, list[str]] = {}
         if retrieval and not self.closed_book:
-            teacher = build_teacher(t.kind, self.passages, t.path)
+            if getattr(self, "_teacher", None) is None:
+                self._teacher = build_teacher(t.kind, self.passages, t.path)
+            teacher = self._teacher
             depth = max(t.hard_negative_ranks[1], t.num_candidates, t.num_positives, self.model.k)
             for start in range(0, len(retrieval), 512):
                 chunk = retrieval[start : start + 512]

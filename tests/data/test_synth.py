@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_layout_sizes_and_manifest(world):
         "train/qa.jsonl",
         "train/instruction.jsonl",
         "train/corpus_text.jsonl",
+        "train/reading.jsonl",
     ]
     assert {e["path"]: e["format"] for e in m["eval"]} == {
         "eval/qa.jsonl": "qa",
@@ -66,7 +68,7 @@ def test_layout_sizes_and_manifest(world):
         assert entry["count"] >= 20
     assert not (world / "train" / "slot_filling.jsonl").exists()
     corpus_text = m["counts"]["train/corpus_text.jsonl"]
-    mix = sum(e["count"] for e in m["train"])
+    mix = sum(e["count"] for e in m["train"] if e["path"] != "train/reading.jsonl")  # curriculum apart
     assert 0.07 < corpus_text / mix < 0.13
 
 
@@ -163,6 +165,32 @@ def test_instruction_and_corpus_text_shapes(world):
     assert any("[MASK]" in ex.input for ex in instr)
     texts = train["train/corpus_text.jsonl"]
     assert all(ex.input == "" and format_prompt(ex) == "" for ex in texts)
+
+
+def test_reading_curriculum_copies_and_asks_with_the_gold_passage(world):
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    rows = _tasks(world, "train")["train/reading.jsonl"]
+    kinds = {ex.meta["task"] for ex in rows}
+    assert kinds == {"copy", "read_qa"}
+    assert len(rows) == split_sizes(N)["train"] + split_sizes(N)["distractor"]  # one per non-held-out person
+    for ex in rows:
+        gold = corpus[ex.provenance[0]]
+        assert format_prompt(ex) == ex.input and ex.input.endswith("A:") and gold.title in ex.input
+        if ex.meta["task"] == "copy":
+            assert ex.answers[0] == gold.text
+        else:
+            assert ex.input.startswith("Q: ") and ex.answers[0] in gold.text
+
+
+def test_adding_the_reading_curriculum_left_the_other_files_unchanged(world):
+    # sha256 of the seed-0 JSONL files before train/reading.jsonl existed (it is drawn last),
+    # so runs and numbers measured on earlier worlds stay comparable.
+    digest = hashlib.sha256()
+    for path in sorted(world.rglob("*.jsonl")):
+        if path.name != "reading.jsonl":
+            digest.update(str(path.relative_to(world)).encode())
+            digest.update(path.read_bytes())
+    assert digest.hexdigest() == "188ac1df6a54ff4671041110e8cd404f7891799fc6ac3af67ef1678654eeab66"
 
 
 def test_refuses_non_empty_out_dir_and_overwrites(tmp_path):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from imprag_ray.data.records import TaskExample
 from imprag_ray.data.tokenized import PassageStore
 from imprag_ray.model.checkpoint import load_tokenizer
-from imprag_ray.train.batching import collate, make_item
+from imprag_ray.train.batching import collate, make_item, make_reading_item
 
 RANKING = [f"p{i:05d}" for i in range(60)]
 ARGS = dict(k=3, num_positives=1, hard_negative_ranks=(10, 50), num_hard_negatives=2, num_candidates=5,
@@ -57,3 +58,29 @@ def test_warmup_negatives_exclude_the_teachers_near_top(setup):
     assert (batch.candidates.numel() == 0) or bool((batch.candidates < 0).all())
     distill = collate([a, b], store, 3, tok.pad_token_id, with_passages=True, stage="distill")
     assert [distill.pool_ids[i] for i in distill.candidates[0].tolist()] == a.candidates
+
+
+def test_reading_items_read_the_gold_passage_and_train_no_retrieval(setup):
+    tok, store = setup
+    others = store.order
+    ex = TaskExample("r", "Copy the passage about Elfen Arkra. A:", ("some text",), ("p00007",), "instruction")
+    items = [make_reading_item(ex, tok, others, k=3, max_prompt_tokens=40, max_target_tokens=8,
+                               rng=random.Random(s)) for s in range(6)]
+    for it in items:
+        assert "p00007" in it.context and len(set(it.context)) == 3 and not it.retrieval
+        assert it.positives == [] and it.hard_negatives == [] and it.candidates == []
+    assert len({it.context.index("p00007") for it in items}) > 1  # gold not always first
+    qa = make_item(_example(), tok, RANKING, rng=random.Random(0), **ARGS)
+    batch = collate([items[0], qa], store, 3, tok.pad_token_id, with_passages=True)
+    assert batch.retrieval.tolist() == [False, True]  # J_ret rows: teacher-labelled only
+    gold, _ = store.tensor(["p00007"])
+    slot = items[0].context.index("p00007")
+    assert torch.equal(batch.passage_ids[0, slot], gold[0]) and batch.passage_mask[0].sum() > 0
+    assert set(batch.pool_ids) == set(qa.positives + qa.hard_negatives)
+    alone = collate([items[0]], store, 3, tok.pad_token_id, with_passages=True)
+    assert alone.passage_ids is not None and not bool(alone.retrieval.any())
+    closed = collate([items[0]], store, 3, tok.pad_token_id, with_passages=False)
+    assert closed.passage_ids is None
+    with pytest.raises(ValueError, match="provenance"):
+        make_reading_item(TaskExample("x", "hi", ("a",), (), "instruction"), tok, others, k=3,
+                          max_prompt_tokens=40, max_target_tokens=8, rng=random.Random(0))

@@ -111,3 +111,30 @@ def test_gather_hook_adds_other_workers_passages_as_negatives(tiny_world, tmp_pa
         recipe.gather = lambda local: (torch.cat([foreign, local]), 5)  # this worker is second
         gathered, _ = recipe.retrieval_loss(queries, batch)
     assert gathered.item() > alone.item()
+
+
+def test_gold_context_files_train_the_reader_only(tiny_world, tmp_path):
+    from imprag_ray.config.loader import ConfigError
+    from imprag_ray.data.readers import read_tasks
+    from imprag_ray.train.batching import collate
+
+    w = tiny_world["world"]
+    train = (f"data.train=[{{path: {w}/train/qa.jsonl, format: qa}}, "
+             f"{{path: {w}/train/reading.jsonl, format: instruction, context: gold}}]")
+    recipe = ImpRAGRecipe(_cfg(tiny_world, tmp_path, train))
+    recipe.setup()
+    qa, reading = read_tasks(w / "train/qa.jsonl", "qa"), read_tasks(w / "train/reading.jsonl", "instruction")
+    assert len(recipe.items) == len(qa) + len(reading)  # file order kept (Ray Train shards by index)
+    assert all(it.retrieval for it in recipe.items[: len(qa)])
+    for it, ex in zip(recipe.items[len(qa):], reading, strict=True):
+        assert not it.retrieval and ex.provenance[0] in it.context and len(it.context) == recipe.model.k
+    batch = collate(recipe.items[len(qa) : len(qa) + 4], recipe.store, recipe.model.k,
+                    recipe.tokenizer.pad_token_id, with_passages=True)
+    assert batch.passage_ids is not None and not bool(batch.retrieval.any())
+    before = recipe.model.layers[recipe.model.b].self_attn.k_proj.weight.detach().clone()
+    metrics = recipe.train_step(batch)
+    assert "j_ret" not in metrics and metrics["loss"] == pytest.approx(metrics["j_gen"])
+    assert not torch.equal(before, recipe.model.layers[recipe.model.b].self_attn.k_proj.weight)  # reader trains
+    bad = f"data.train=[{{path: {w}/train/instruction.jsonl, format: instruction, context: gold}}]"
+    with pytest.raises(ConfigError, match=r"data\.train.*no provenance"):
+        ImpRAGRecipe(_cfg(tiny_world, tmp_path, bad)).setup()
