@@ -103,6 +103,7 @@ class AutoscalingSection:
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0  # how often replicas/handles push load metrics (Ray's default)
     look_back_period_s: float = 10.0
 
     def validate(self) -> None:
@@ -124,8 +125,9 @@ class AutoscalingSection:
         for key in ("upscale_delay_s", "downscale_delay_s"):
             if getattr(self, key) < 0:
                 raise ConfigError.at(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.look_back_period_s <= 0:
-            raise ConfigError.at("look_back_period_s", f"must be > 0, got {self.look_back_period_s}")
+        for key in ("metrics_interval_s", "look_back_period_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ RayService (``clusters/kuberay/rayservice-llama3-3b.yaml``).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def deployment_options(section: DeploymentSection) -> dict[str, Any]:
         "target_ongoing_requests": a.target_ongoing_requests,
         "upscale_delay_s": a.upscale_delay_s,
         "downscale_delay_s": a.downscale_delay_s,
+        "metrics_interval_s": a.metrics_interval_s,
         "look_back_period_s": a.look_back_period_s,
     }
     if a.initial_replicas is not None:
@@ -121,14 +123,14 @@ def build_app(args: dict[str, Any]):
 def run(cfg: ServeJobConfig, *, blocking: bool = True, address: str | None = None, echo=print) -> str:
     """Start Serve on ``cfg.http`` and deploy the app; returns the base URL.
 
-    ``address=None`` starts a local Ray instance for this process; pass a cluster address
-    (``auto``, ``host:port``) to deploy onto a running cluster.
+    ``address=None`` joins ``$RAY_ADDRESS`` when set (a submitted job), else starts a local
+    Ray instance for this process; pass ``auto`` / ``host:port`` to deploy onto a cluster.
     """
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False)
+    if not ray.is_initialized():  # inside `ray job submit` / `imprag submit`, RAY_ADDRESS names the cluster
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"

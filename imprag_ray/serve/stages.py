@@ -36,6 +36,13 @@ def _setup_threads(cfg: ServeJobConfig) -> None:
     torch.set_flush_denormal(True)
 
 
+def _device() -> str:
+    """The bottom layers go to the replica's GPU when it was given one (ray_actor_options)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _set_batching(method: Any, batching: BatchingSection) -> None:
     method.set_max_batch_size(batching.max_batch_size)
     method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -73,7 +80,7 @@ class RetrievalStage:
                 f"{version.checkpoint} changed on disk since version {version.hash[:12]}"
             )
         check_expectation(version.checkpoint, self.cfg.model)
-        model = load_bottom_model(version.checkpoint, self.cfg.model.dtype)
+        model = load_bottom_model(version.checkpoint, self.cfg.model.dtype).to(_device())
         index = PassageIndex.load(
             version.index,
             checkpoint_hash=version.hash,
@@ -121,10 +128,11 @@ class RetrievalStage:
         for i, r in enumerate(requests):
             ids[i, : len(r["prompt_ids"])] = torch.tensor(r["prompt_ids"])
             mask[i, : len(r["prompt_ids"])] = 1
+        device = next(model.parameters()).device
         with torch.no_grad():
-            query = model.encode_prompt(ids, mask).query_embedding  # [B, h_kv * d_h]
+            query = model.encode_prompt(ids.to(device), mask.to(device)).query_embedding  # [B, h_kv * d_h]
         depth = max(r["top_k"] for r in requests)
-        found, scores = state.index.search(query.float().numpy(), depth)
+        found, scores = state.index.search(query.float().cpu().numpy(), depth)
         results = []
         for i, r in enumerate(requests):
             passages = []

@@ -26,7 +26,7 @@ OVERRIDES = [
     "limits.max_request_bytes=4096",
     "deployments.ingress.ray_actor_options.num_cpus=0.1",
     "deployments.retrieval.ray_actor_options.num_cpus=0.2",
-    "deployments.retrieval.autoscaling_config={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 0.5,"
+    "deployments.retrieval.autoscaling_config={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 0.5, metrics_interval_s: 0.5,"
     " upscale_delay_s: 1, downscale_delay_s: 4, look_back_period_s: 2}",
     "deployments.retrieval.batching={max_batch_size: 8, batch_wait_timeout_s: 0.01}",
     "deployments.generation.ray_actor_options.num_cpus=0.3",

@@ -29,50 +29,69 @@ def control_status() -> dict:
     return serve.get_deployment_handle("Control", app_name="imprag").status.remote().result(timeout_s=30)
 
 
+def retrieval_replicas() -> tuple[int, int]:
+    """(running, running + starting) replicas of the retrieval stage."""
+    from ray import serve
+
+    states = serve.status().applications["imprag"].deployments["RetrievalStage"].replica_states
+    running = states.get("RUNNING", 0)
+    return running, running + states.get("STARTING", 0)
+
+
 def test_load_has_zero_errors_and_retrieval_scales_1_to_2_and_back(serve_app, tmp_path):
-    """`imprag bench serve --concurrency 16 --requests 200` against the app."""
+    """`imprag bench serve --concurrency 16 --requests 200` against the app; the retrieval
+    stage (target 0.5 ongoing requests per replica) must add a second replica under that
+    load, and drop it again (downscale delay 4 s) once the load is over."""
     from imprag_ray.cli import main
 
-    wait_for(lambda: replica_counts().get("RetrievalStage") == 1, 90, what="retrieval at 1 replica")
-    seen: list[int] = []
+    wait_for(lambda: retrieval_replicas() == (1, 1), 90, what="retrieval at 1 replica")
+    seen: list[tuple[float, int, int]] = []
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            seen.append(replica_counts().get("RetrievalStage", 0))
+            seen.append((time.time(), *retrieval_replicas()))
             time.sleep(0.25)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     out = tmp_path / "bench.json"
+    t0 = time.time()
+    argv = ["bench", "serve", "--url", serve_app["url"], "--concurrency", "16", "--requests", "200",
+            "--model", MODEL, "--api-key", API_KEY, "--json", str(out)]
+    extra = 0
     try:
-        rc = main(
-            [
-                "bench",
-                "serve",
-                "--url",
-                serve_app["url"],
-                "--concurrency",
-                "16",
-                "--requests",
-                "200",
-                "--model",
-                MODEL,
-                "--api-key",
-                API_KEY,
-                "--json",
-                str(out),
-            ]
-        )
+        rc = main(argv)
+        t_bench = time.time()
+        # The new replica takes a while to start on 2 busy cores: keep the load up until it
+        # runs (or 120 s), on the retrieval endpoint.
+        while not any(r >= 2 for _, r, _ in seen) and time.time() - t_bench < 120:
+            more = asyncio.run(run_load(serve_app["url"], requests=64, concurrency=16, endpoint="retrieve",
+                                        api_key=API_KEY))
+            assert more["errors"] == 0, more["error_samples"]
+            extra += 64
     finally:
         stop.set()
         watcher.join()
     result = json.loads(out.read_text())
-    print("\nbench serve:", json.dumps(result))
+    requested = next((t - t0 for t, _, total in seen if total >= 2), None)
+    running = next((t - t0 for t, r, _ in seen if r >= 2), None)
+    print(f"\nbench serve: {json.dumps(result)}\nautoscaling: second retrieval replica requested "
+          f"{requested} s and running {running} s after the load started (bench took "
+          f"{t_bench - t0:.1f} s; {extra} extra retrieve requests)")
     assert rc == 0 and result["errors"] == 0 and result["ok"] == 200, result["error_samples"]
     assert result["latency_p50_s"] <= result["latency_p99_s"]
-    assert max(seen) == 2, f"retrieval replicas seen under load: {sorted(set(seen))}"
-    wait_for(lambda: replica_counts().get("RetrievalStage") == 1, 90, what="retrieval back down to 1 replica")
+    assert requested is not None and requested < t_bench - t0, "no upscale decision during the bench load"
+    assert running is not None, f"retrieval replicas seen: {sorted({s[1:] for s in seen})}"
+    t_idle = time.time()
+    wait_for(lambda: retrieval_replicas() == (1, 1), 120, what="retrieval back down to 1 replica")
+    print(f"autoscaling: back to 1 retrieval replica {time.time() - t_idle:.1f} s after the load stopped")
+
+
+def httpx_get_health(serve_app) -> dict:
+    import httpx
+
+    return httpx.get(serve_app["url"] + "/healthz", timeout=30).json()
 
 
 def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
@@ -111,6 +130,9 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
         return replica_counts().get("GenerationStage") == 2 and victim not in live and len(live) == 2
 
     wait_for(restored, 120, interval=1.0, what="Serve to restore the killed generation replica")
+    counts = httpx_get_health(serve_app)["ingress"]["counts"]
+    print(f"fault: ingress retries {counts}")
+    assert counts.get("retried_generation", 0) >= 1  # requests in flight on the killed replica were retried
 
 
 def test_hot_swap_under_load_fails_no_request_and_then_serves_the_new_checkpoint(serve_app):
