@@ -1,0 +1,270 @@
+"""The Ray Train worker side of ``imprag train``: a thin loop around the Ray-free recipe.
+
+Each worker rebuilds the job config, runs :class:`~imprag_ray.train.recipe.ImpRAGRecipe`
+on its rank, and adds only what distribution needs (arXiv 2506.02279 §3.2, DESIGN §1-2):
+
+* examples come from this worker's Ray Data shard (``get_dataset_shard("train")``);
+* the warmup NCE sees every worker's in-batch passages through a differentiable
+  all-gather, so each worker's gradient includes the terms other workers' queries put
+  on its passages (see :func:`all_gather_rows`);
+* DDP (``ray.train.torch.prepare_model``) averages the gradients;
+* rank 0 saves checkpoints (HF + optimizer/scheduler state, atomically) and reports them
+  as ``ray.train.Checkpoint``; a restarted worker group resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from imprag_ray.config.loader import from_dict
+from imprag_ray.config.schema import TrainJobConfig
+from imprag_ray.data.io import write_json_atomic
+from imprag_ray.pipelines.train_collectives import DistributedModel, all_gather_rows
+from imprag_ray.train.batching import Batch
+from imprag_ray.train.local import JsonlLogger
+from imprag_ray.train.recipe import ImpRAGRecipe
+
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WORKERS_DIR = "workers"  # rank-R.json: pid and node of each live worker (fault tests use it)
+
+
+class DistributedRecipe(ImpRAGRecipe):
+    """The recipe on one of several workers: batches on this worker's device, and every
+    worker joins the in-batch-negative gather whenever any worker's batch has retrieval
+    rows (collectives must be entered by all ranks)."""
+
+    def __init__(self, *args, group=None, device: torch.device | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.device = device or torch.device("cpu")
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        for batch in super().epoch_batches(epoch):
+            yield _to_device(batch, self.device)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        if self.world_size > 1 and batch.stage == "warmup" and not self.closed_book:
+            mine = bool(batch.retrieval.any())
+            anyone = torch.tensor([int(mine)], device=self.device)
+            dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
+            if anyone.item() and not mine:
+                # Contribute zero rows; forward and backward of the gather still run here.
+                nothing = torch.zeros(0, self.model.embedding_dim, device=self.device, requires_grad=True)
+                rows, _ = self.gather(nothing)
+                rows.sum().backward()
+        return super().train_step(batch)
+
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """The plain model for rank-local work (evaluation): no DDP, no collectives."""
+        model = self.model
+        self.model = getattr(model, "module", model) if isinstance(model, DistributedModel) else model
+        try:
+            yield
+        finally:
+            self.model = model
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return replace(batch, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
+
+
+# --------------------------------------------------------------------- logging
+class RankZeroLogger:
+    """Metric rows -> ``metrics.jsonl`` + TensorBoard scalars (rank 0 only)."""
+
+    def __init__(self, out: Path, echo: Callable[[str], None] | None = print):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = JsonlLogger(out / METRICS_NAME, echo)
+        self.tb = SummaryWriter(str(out / TENSORBOARD_DIR))
+
+    def __call__(self, row: dict) -> None:
+        self.jsonl(row)
+        step = int(row.get("step", 0))
+        prefix = row.get("event", "train")
+        for key, value in _flatten(row).items():
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and key not in ("step", "epoch")
+            ):
+                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------- the loop
+def _shard_source(shard, seed: int, rank: int) -> Callable[[int], list[int]]:
+    """epoch -> item indices of this worker's Ray Data shard, in a seeded order."""
+
+    def order(epoch: int) -> list[int]:
+        ids = [int(i) for b in shard.iter_batches(batch_size=4096, batch_format="numpy") for i in b["item"]]
+        random.Random(seed * 1000 + epoch * 101 + rank).shuffle(ids)
+        return ids
+
+    return order
+
+
+def _mean_across_workers(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Means over all workers of the metrics every worker has (e.g. loss, j_gen)."""
+    keys = ("loss", "j_gen")
+    if world == 1 or not all(k in values for k in keys):
+        return {k: values[k] for k in keys if k in values}
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: ``config = {"job": to_dict(TrainJobConfig)}``."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainJobConfig, config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = Path(cfg.output_dir)
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    write_json_atomic(
+        out / WORKERS_DIR / f"rank-{rank}.json",
+        {
+            "rank": rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        },
+    )
+    group = dist.new_group() if world > 1 else None  # own group: gather never interleaves with DDP
+    log = RankZeroLogger(out) if rank == 0 else None
+    local_cfg = replace(cfg, train=replace(cfg.train, batch_size=cfg.train.batch_size // world))
+    recipe = DistributedRecipe(
+        local_cfg,
+        rank=rank,
+        world_size=world,
+        log=log,
+        gather=(lambda x: all_gather_rows(x, group)) if world > 1 else None,
+        group=group,
+        device=device,
+    )
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext(None) as resume_dir:
+        recipe.setup(resume_from=resume_dir)
+    recipe.example_source = _shard_source(ray.train.get_dataset_shard("train"), cfg.seed, rank)
+    _wrap_model(recipe, cfg, world)
+    if log:
+        log(
+            {
+                "event": "setup",
+                "world_size": world,
+                "items": len(recipe.items),
+                "steps_per_epoch": recipe.steps_per_epoch,
+                "resumed_from": str(ckpt.path) if ckpt else None,
+                "start_epoch": recipe.epoch,
+                "start_step": recipe.step,
+            }
+        )
+    _run_epochs(recipe, cfg, rank, world, device, log)
+    if log:
+        log.close()
+
+
+def _wrap_model(recipe: DistributedRecipe, cfg: TrainJobConfig, world: int) -> None:
+    import ray.train.torch
+
+    model = recipe.model
+    if cfg.ray.strategy == "fsdp":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_cls = type(model.layers[0])  # one FSDP unit per decoder layer
+        kwargs = {"auto_wrap_policy": ModuleWrapPolicy({layer_cls}), "use_orig_params": True}
+        wrapped = ray.train.torch.prepare_model(
+            model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs
+        )
+    else:
+        # No collective may run inside DDP's forward: workers call the model a different
+        # number of times (teacher scoring, rank-0 eval) and a worker with no retrieval rows
+        # joins the in-batch gather before its forward. So no buffer broadcast, and
+        # find_unused_parameters=True, which also skips the one-off bucket rebuild (a
+        # broadcast in the second forward).
+        kwargs = {"forward_sync_buffers": False, "find_unused_parameters": True}
+        wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+    if wrapped is not model:
+        recipe.model = DistributedModel(wrapped, model)  # type: ignore[assignment]
+
+
+def _run_epochs(recipe, cfg: TrainJobConfig, rank: int, world: int, device, log) -> None:
+    import ray.train
+
+    tc = cfg.train
+    eval_fn = None
+    if rank == 0 and tc.eval_every and cfg.data.dev:
+
+        def eval_fn():
+            with recipe.unwrapped():
+                log(
+                    {
+                        "event": "dev",
+                        "epoch": recipe.epoch,
+                        "step": recipe.step,
+                        "metrics": recipe.evaluate("dev"),
+                    }
+                )
+
+    while recipe.epoch < tc.epochs:
+        stage = recipe.stage(recipe.epoch)
+        means = recipe.train_epoch(eval_fn)
+        row = {
+            "epoch": recipe.epoch,
+            "step": recipe.step,
+            "stage": stage,
+            **{f"mean_{k}": v for k, v in _mean_across_workers(means, world, device).items()},
+        }
+        due = recipe.epoch % tc.save_every_epochs == 0 or recipe.epoch == tc.epochs
+        name = f"epoch-{recipe.epoch:03d}" if due else None
+        checkpoint = None
+        if rank == 0 and due:
+            checkpoint = ray.train.Checkpoint.from_directory(
+                recipe.save_checkpoint(Path(cfg.output_dir) / "checkpoints" / str(name))
+            )
+        if rank == 0 and cfg.data.dev:
+            with recipe.unwrapped():
+                row["dev"] = recipe.evaluate("dev")
+        if log:
+            log({"event": "epoch", **row})
+        ray.train.report(
+            row, checkpoint=checkpoint, checkpoint_dir_name=name, delete_local_checkpoint_after_upload=False
+        )
+    final: dict = {}
+    if rank == 0 and cfg.data.eval:
+        with recipe.unwrapped():
+            final = recipe.evaluate("eval")
+    if log:
+        log({"event": "eval", "epoch": recipe.epoch, "step": recipe.step, "metrics": final})
+    ray.train.report({"epoch": recipe.epoch, "step": recipe.step, "eval": final})
