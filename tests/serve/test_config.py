@@ -33,8 +33,10 @@ def test_tiny_job_binds_loopback_and_fits_two_cores():
     cfg = load_config(ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml")
     assert cfg.http.host == "127.0.0.1" and cfg.engine.kind == "torch"
     d = cfg.deployments
-    cpus = 0.01 + sum(s.autoscaling_config.max_replicas * s.ray_actor_options.num_cpus
-                      for s in (d.ingress, d.retrieval, d.generation))
+    cpus = 0.01 + sum(
+        s.autoscaling_config.max_replicas * s.ray_actor_options.num_cpus
+        for s in (d.ingress, d.retrieval, d.generation)
+    )
     assert cpus <= 2.0, f"max replicas need {cpus} CPUs on a 2-CPU local Ray"
     assert all(s.ray_actor_options.num_gpus == 0 for s in (d.ingress, d.retrieval, d.generation))
 
@@ -45,8 +47,11 @@ def test_tiny_job_paths_must_exist_locally(tmp_path, serve_world):
         check_paths(cfg, tmp_path)  # nothing there: the first missing path is named
     assert info.value.key == "checkpoint" and "not found" in info.value.message
     w = serve_world
-    ok = load_config(ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml",
-                     [f"checkpoint={w['checkpoint']}", f"index={w['index']}", f"corpus={w['corpus']}"])
+    ok = load_config(
+        ServeJobConfig,
+        ROOT / "jobs/serve_tiny_synth.yaml",
+        [f"checkpoint={w['checkpoint']}", f"index={w['index']}", f"corpus={w['corpus']}"],
+    )
     check_paths(ok, tmp_path)
 
 
@@ -61,7 +66,9 @@ def test_llama3_2_3b_job_matches_the_paper_split_and_uses_gpus_and_vllm():
     assert cfg.deployments.generation.ray_actor_options.num_gpus == 1
     assert cfg.auth.api_key is None and cfg.auth.api_key_env  # the key comes from a Secret
     region = preset.num_passages * preset.max_passage_tokens
-    assert cfg.engine.options["max_model_len"] >= region + cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
+    assert (
+        cfg.engine.options["max_model_len"] >= region + cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
+    )
     for key in ("checkpoint", "index", "corpus"):
         assert getattr(cfg, key).startswith("/mnt/imprag/"), key
 
@@ -84,14 +91,20 @@ def test_rayservice_is_valid_and_its_minimum_replicas_fit_its_pods(path):
     job = ROOT / app["args"]["config"]
     cfg = load_config(ServeJobConfig, job, app["args"].get("overrides", []))
     assert serve_cfg["http_options"]["port"] == cfg.http.port
-    workdir = next(line.split()[1] for line in (ROOT / "clusters/Dockerfile").read_text().splitlines()
-                   if line.startswith("WORKDIR"))
-    assert app["runtime_env"]["working_dir"] == workdir
+    workdir = next(
+        line.split()[1]
+        for line in (ROOT / "clusters/Dockerfile").read_text().splitlines()
+        if line.startswith("WORKDIR")
+    )
+    assert app["runtime_env"]["working_dir"] == "local://" + workdir
 
     cluster = doc["spec"]["rayClusterConfig"]
     (group,) = cluster["workerGroupSpecs"]
     params = group["rayStartParams"]
-    pods = [{"CPU": float(params["num-cpus"]), "GPU": float(params["num-gpus"])} for _ in range(group["minReplicas"])]
+    pods = [
+        {"CPU": float(params["num-cpus"]), "GPU": float(params["num-gpus"])}
+        for _ in range(group["minReplicas"])
+    ]
     container = group["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == params["num-gpus"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
@@ -99,8 +112,11 @@ def test_rayservice_is_valid_and_its_minimum_replicas_fit_its_pods(path):
     assert cfg.auth.api_key_env in {e["name"] for e in container.get("env", [])}
     # First-fit decreasing of every deployment's minimum replicas onto the minimum pods.
     d = cfg.deployments
-    replicas = [(s.ray_actor_options.num_cpus, s.ray_actor_options.num_gpus)
-                for s in (d.generation, d.retrieval, d.ingress) for _ in range(s.autoscaling_config.min_replicas)]
+    replicas = [
+        (s.ray_actor_options.num_cpus, s.ray_actor_options.num_gpus)
+        for s in (d.generation, d.retrieval, d.ingress)
+        for _ in range(s.autoscaling_config.min_replicas)
+    ]
     for cpus, gpus in sorted(replicas, key=lambda r: (-r[1], -r[0])):
         pod = next((p for p in pods if p["CPU"] >= cpus and p["GPU"] >= gpus - 1e-9), None)
         assert pod is not None, f"a replica needing {cpus} CPU / {gpus} GPU fits no {path.name} pod"
@@ -126,8 +142,10 @@ def test_serve_config_file_builds_the_app(path, serve_world):
     cfg = load_config(ServeJobConfig, ROOT / app["args"]["config"])
     assert serve_cfg["http_options"] == {"host": cfg.http.host, "port": cfg.http.port}
     w = serve_world
-    args = {**app["args"], "overrides": [f"checkpoint={w['checkpoint']}", f"index={w['index']}",
-                                         f"corpus={w['corpus']}"]}
+    args = {
+        **app["args"],
+        "overrides": [f"checkpoint={w['checkpoint']}", f"index={w['index']}", f"corpus={w['corpus']}"],
+    }
     assert isinstance(build_app(args), Application)
     with pytest.raises(ValueError, match="config"):
         build_app({"cfg": "x"})
@@ -143,8 +161,11 @@ def test_deployment_options_are_accepted_by_serve():
     assert opts["autoscaling_config"]["min_replicas"] == 2 and opts["ray_actor_options"]["num_gpus"] == 1
     dep = serve.deployment(lambda: None, name="probe").options(**opts)  # Serve validates the options
     assert dep.ray_actor_options["num_gpus"] == 1
-    fixed = load_config(ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml",
-                        ["deployments.generation.autoscaling_config={min_replicas: 2, max_replicas: 2}"])
+    fixed = load_config(
+        ServeJobConfig,
+        ROOT / "jobs/serve_tiny_synth.yaml",
+        ["deployments.generation.autoscaling_config={min_replicas: 2, max_replicas: 2}"],
+    )
     opts = deployment_options(fixed.deployments.generation)
     assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
 
@@ -155,14 +176,27 @@ def test_deployment_options_are_accepted_by_serve():
         ("engine.kind=tgi", "engine.kind", "vllm"),
         ("http.port=70000", "http.port", "1..65535"),
         ("limits.max_tokens=0", "limits.max_tokens", "> 0"),
-        ("limits.default_max_tokens=500", "limits.default_max_tokens", "max_tokens"),
-        ("deployments.retrieval.autoscaling_config.max_replicas=0",
-         "deployments.retrieval.autoscaling_config.max_replicas", ">= max(1"),
-        ("deployments.generation.autoscaling_config.target_ongoing_requests=-1",
-         "deployments.generation.autoscaling_config.target_ongoing_requests", "> 0"),
-        ("deployments.ingress.ray_actor_options.num_gpus=-1", "deployments.ingress.ray_actor_options.num_gpus",
-         ">= 0"),
-        ("deployments.retrieval.batching.max_batch_size=0", "deployments.retrieval.batching.max_batch_size", "> 0"),
+        ("limits.default_max_tokens=600", "limits.default_max_tokens", "max_tokens"),
+        (
+            "deployments.retrieval.autoscaling_config.max_replicas=0",
+            "deployments.retrieval.autoscaling_config.max_replicas",
+            ">= max(1",
+        ),
+        (
+            "deployments.generation.autoscaling_config.target_ongoing_requests=-1",
+            "deployments.generation.autoscaling_config.target_ongoing_requests",
+            "> 0",
+        ),
+        (
+            "deployments.ingress.ray_actor_options.num_gpus=-1",
+            "deployments.ingress.ray_actor_options.num_gpus",
+            ">= 0",
+        ),
+        (
+            "deployments.retrieval.batching.max_batch_size=0",
+            "deployments.retrieval.batching.max_batch_size",
+            "> 0",
+        ),
         ("deployments.retrieval.batching.wait=1", "deployments.retrieval.batching.wait", "unknown key"),
         ("top_k=0", "top_k", "> 0"),
         ("auth={api_key: a, api_key_env: B}", "auth.api_key", "not both"),
@@ -180,7 +214,7 @@ def test_checkpoint_that_does_not_match_the_config_split_is_refused(serve_world)
     from imprag_ray.serve.versions import VersionMismatchError, make_version
 
     w = serve_world
-    with pytest.raises(VersionMismatchError, match="model.retrieval_layer"):
+    with pytest.raises(VersionMismatchError, match=r"model\.retrieval_layer"):
         make_version(str(w["checkpoint"]), str(w["index"]), ModelExpectation(retrieval_layer=7))
 
 

@@ -57,8 +57,22 @@ def test_load_has_zero_errors_and_retrieval_scales_1_to_2_and_back(serve_app, tm
     watcher.start()
     out = tmp_path / "bench.json"
     t0 = time.time()
-    argv = ["bench", "serve", "--url", serve_app["url"], "--concurrency", "16", "--requests", "200",
-            "--model", MODEL, "--api-key", API_KEY, "--json", str(out)]
+    argv = [
+        "bench",
+        "serve",
+        "--url",
+        serve_app["url"],
+        "--concurrency",
+        "16",
+        "--requests",
+        "200",
+        "--model",
+        MODEL,
+        "--api-key",
+        API_KEY,
+        "--json",
+        str(out),
+    ]
     extra = 0
     try:
         rc = main(argv)
@@ -66,8 +80,9 @@ def test_load_has_zero_errors_and_retrieval_scales_1_to_2_and_back(serve_app, tm
         # The new replica takes a while to start on 2 busy cores: keep the load up until it
         # runs (or 120 s), on the retrieval endpoint.
         while not any(r >= 2 for _, r, _ in seen) and time.time() - t_bench < 120:
-            more = asyncio.run(run_load(serve_app["url"], requests=64, concurrency=16, endpoint="retrieve",
-                                        api_key=API_KEY))
+            more = asyncio.run(
+                run_load(serve_app["url"], requests=64, concurrency=16, endpoint="retrieve", api_key=API_KEY)
+            )
             assert more["errors"] == 0, more["error_samples"]
             extra += 64
     finally:
@@ -76,9 +91,11 @@ def test_load_has_zero_errors_and_retrieval_scales_1_to_2_and_back(serve_app, tm
     result = json.loads(out.read_text())
     requested = next((t - t0 for t, _, total in seen if total >= 2), None)
     running = next((t - t0 for t, r, _ in seen if r >= 2), None)
-    print(f"\nbench serve: {json.dumps(result)}\nautoscaling: second retrieval replica requested "
-          f"{requested} s and running {running} s after the load started (bench took "
-          f"{t_bench - t0:.1f} s; {extra} extra retrieve requests)")
+    print(
+        f"\nbench serve: {json.dumps(result)}\nautoscaling: second retrieval replica requested "
+        f"{requested} s and running {running} s after the load started (bench took "
+        f"{t_bench - t0:.1f} s; {extra} extra retrieve requests)"
+    )
     assert rc == 0 and result["errors"] == 0 and result["ok"] == 200, result["error_samples"]
     assert result["latency_p50_s"] <= result["latency_p99_s"]
     assert requested is not None and requested < t_bench - t0, "no upscale decision during the bench load"
