@@ -105,10 +105,16 @@ def _add_batch(sub) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def _add_serve(sub) -> None:
+    from imprag_ray.serve.cli import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_bench):
+    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_bench, _add_serve):
         add(sub)
     for add in (_add_index, _add_batch):
         add(sub)
