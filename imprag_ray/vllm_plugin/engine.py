@@ -36,8 +36,14 @@ GiB = 1 << 30
 _DONE = object()
 # config.json keys that must not change across reload (the engine's shapes depend on them)
 _SHAPE_KEYS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
 )
 
 
@@ -45,7 +51,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise EngineError(f"{path} not found: checkpoint_dir must be an ImpRAG checkpoint directory") from None
+        raise EngineError(
+            f"{path} not found: checkpoint_dir must be an ImpRAG checkpoint directory"
+        ) from None
 
 
 def _eos_id(checkpoint_dir: Path, hf_config: dict) -> int | None:
@@ -109,7 +117,9 @@ class VLLMEngine(GenerationEngine):
         self._imprag = _read_json(path / IMPRAG_CONFIG_NAME)
         self._hf = _read_json(path / "config.json")
         if self._hf.get("model_type") != "llama":
-            raise EngineError(f"the vLLM engine supports Llama checkpoints, got model_type={self._hf.get('model_type')!r}")
+            raise EngineError(
+                f"the vLLM engine supports Llama checkpoints, got model_type={self._hf.get('model_type')!r}"
+            )
         self._k = int(self._imprag.get("num_passages", 10))
         self._l_max = int(self._imprag["max_passage_tokens"])
         self._vocab = int(self._hf["vocab_size"])
@@ -195,8 +205,11 @@ class VLLMEngine(GenerationEngine):
         self.check_request(request)
         try:
             ids = encode_request(
-                request.prompt_ids, request.passages,
-                vocab_size=self._vocab, num_passages=self._k, max_passage_tokens=self._l_max,
+                request.prompt_ids,
+                request.passages,
+                vocab_size=self._vocab,
+                num_passages=self._k,
+                max_passage_tokens=self._l_max,
             )
         except ValueError as e:
             raise EngineError(str(e)) from None
@@ -235,7 +248,9 @@ class VLLMEngine(GenerationEngine):
         return GenerationResult(row, "stop" if stopped else "length", request_id)
 
     async def _generate_all(self, prepared: list, requests: Sequence[GenerationRequest]):
-        jobs = [self._generate_one(p, sp, r.request_id) for (p, sp), r in zip(prepared, requests, strict=True)]
+        jobs = [
+            self._generate_one(p, sp, r.request_id) for (p, sp), r in zip(prepared, requests, strict=True)
+        ]
         return list(await asyncio.gather(*jobs))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -291,8 +306,11 @@ class VLLMEngine(GenerationEngine):
         path = Path(checkpoint_dir)
         hf, imprag = _read_json(path / "config.json"), _read_json(path / IMPRAG_CONFIG_NAME)
         changed = [k for k in _SHAPE_KEYS if hf.get(k) != self._hf.get(k)]
-        changed += [k for k in ("retrieval_layer", "reader_last_layer", "max_passage_tokens", "num_passages")
-                    if imprag.get(k) != self._imprag.get(k)]
+        changed += [
+            k
+            for k in ("retrieval_layer", "reader_last_layer", "max_passage_tokens", "num_passages")
+            if imprag.get(k) != self._imprag.get(k)
+        ]
         if changed:
             raise EngineError(
                 f"{path}: {changed} differ from the served checkpoint; reload needs the same "

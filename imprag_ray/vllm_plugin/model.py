@@ -66,8 +66,10 @@ def reader_settings(vllm_config: VllmConfig) -> ReaderSettings:
                 "load ImpRAG checkpoints through imprag_ray's VLLMEngine or pass these keys"
             )
         saved = json.loads(path.read_text())
-        values = {field: values[field] if values[field] is not None else saved.get(field, 10)
-                  for field in OVERRIDE_KEYS.values()}
+        values = {
+            field: values[field] if values[field] is not None else saved.get(field, 10)
+            for field in OVERRIDE_KEYS.values()
+        }
     settings = ReaderSettings(
         int(values["retrieval_layer"]),
         int(values["reader_last_layer"]),
@@ -107,12 +109,20 @@ class ImpRAGLlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, self.head_dim, num_heads, num_kv_heads,
-            bias=bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+            hidden_size,
+            self.head_dim,
+            num_heads,
+            num_kv_heads,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            num_heads * self.head_dim, hidden_size,
-            bias=bias_o_proj, quant_config=quant_config, prefix=f"{prefix}.o_proj",
+            num_heads * self.head_dim,
+            hidden_size,
+            bias=bias_o_proj,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(
             self.head_dim,

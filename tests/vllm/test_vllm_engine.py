@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from imprag_ray.bench.engines import run_engines_bench
 from imprag_ray.data.readers import read_corpus
 from imprag_ray.data.tokenized import PassageStore, encode_prompt_text
 from imprag_ray.engine import EngineError, GenerationRequest, Sampling, build_engine
@@ -37,8 +38,12 @@ def ckpt(tiny_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(ckpt):
     eng = build_engine(
-        "vllm", str(ckpt), max_num_seqs=8, max_num_batched_tokens=BATCHED_TOKENS,
-        kv_cache_gib=0.25, max_model_len=512,
+        "vllm",
+        str(ckpt),
+        max_num_seqs=8,
+        max_num_batched_tokens=BATCHED_TOKENS,
+        kv_cache_gib=0.25,
+        max_model_len=512,
     )
     yield eng
     eng.close()
@@ -98,13 +103,17 @@ def test_batched_greedy_equals_torch_engine(engine, reference, requests_):
     results = engine.generate(requests_)  # one call: vLLM batches all 24
     expected = _ref(reference, requests_)
     assert [r.request_id for r in results] == [r.request_id for r in requests_]
-    mismatches = [(r.request_id, r.token_ids, e) for r, e in zip(results, expected, strict=True) if r.token_ids != e]
+    mismatches = [
+        (r.request_id, r.token_ids, e) for r, e in zip(results, expected, strict=True) if r.token_ids != e
+    ]
     assert not mismatches, mismatches
     for res in results:
         assert res.finish_reason == ("stop" if len(res.token_ids) < MAX_NEW else "length")
     # the passages matter (else equality would prove little about the reader mask)
-    same_prompt = [GenerationRequest(requests_[1].prompt_ids, p, Sampling(MAX_NEW)) for p in
-                   (None, requests_[1].passages, requests_[2].passages, requests_[3].passages)]
+    same_prompt = [
+        GenerationRequest(requests_[1].prompt_ids, p, Sampling(MAX_NEW))
+        for p in (None, requests_[1].passages, requests_[2].passages, requests_[3].passages)
+    ]
     outs = [r.token_ids for r in engine.generate(same_prompt)]
     assert outs == _ref(reference, same_prompt)
     assert len({tuple(o) for o in outs}) > 1
@@ -114,13 +123,14 @@ def test_prefix_cache_hits_keep_outputs_exact(engine, reference, requests_):
     full = [r for r in requests_ if r.passages and sum(map(len, r.passages)) > 0][:4]
     before = engine.cached_prompt_tokens
     # same passages, new prompts: the passage region (>= one 128-token block) is reused
-    tok_shift = [GenerationRequest(r.prompt_ids[:-1] + (r.prompt_ids[1],), r.passages, Sampling(MAX_NEW))
-                 for r in full]
+    new_prompts = [
+        GenerationRequest((*r.prompt_ids[:-1], r.prompt_ids[1]), r.passages, Sampling(MAX_NEW)) for r in full
+    ]
     first = engine.generate(full)
-    second = engine.generate(tok_shift)
+    second = engine.generate(new_prompts)
     assert engine.cached_prompt_tokens - before >= 128 * len(full)
     assert [r.token_ids for r in first] == _ref(reference, full)
-    assert [r.token_ids for r in second] == _ref(reference, tok_shift)
+    assert [r.token_ids for r in second] == _ref(reference, new_prompts)
 
 
 def test_stream_equals_generate_and_threads_share_the_engine(engine, reference, requests_):
@@ -164,6 +174,17 @@ def test_bad_requests_are_refused(engine, requests_):
         engine.generate([GenerationRequest((1, 10**6), None)])
     with pytest.raises(EngineError, match="max_model_len"):
         list(engine.stream(GenerationRequest((1,) * 600, None)))
+
+
+def test_bench_engines_on_the_running_engine(engine, ckpt):
+    report = run_engines_bench(ckpt, requests=4, max_new_tokens=4, prompt_tokens=8, vllm_engine=engine)
+    assert report["greedy_exact_match"] == 1.0
+    assert report["passages_per_request"] == engine.num_passages
+    for kind in ("torch", "vllm"):
+        assert report[kind]["generated_tokens"] > 0 and report[kind]["tokens_per_s"] > 0
+    assert report["ratio_vllm_over_torch"] == pytest.approx(
+        report["vllm"]["tokens_per_s"] / report["torch"]["tokens_per_s"], rel=1e-2
+    )
 
 
 def test_reload_serves_exactly_the_new_checkpoint(engine, ckpt, requests_, tmp_path):
