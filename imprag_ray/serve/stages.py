@@ -235,9 +235,16 @@ class GenerationStage:
             await asyncio.to_thread(steps.close)
 
     async def info(self) -> dict:
+        engines = {h: self.cache.peek(h) for h in self.cache.held()}
+        stats = {
+            h[:12]: {"kind": e.kind, "cached_prompt_tokens": getattr(e, "cached_prompt_tokens", None)}
+            for h, e in engines.items()
+            if e is not None
+        }
         return {
             "stage": "generation",
             "replica": replica_name(),
             "pid": os.getpid(),
             "held": self.cache.held(),
+            "engines": stats,
         }

@@ -130,6 +130,11 @@ class VersionCache:
         with self._lock:
             return list(self._items)
 
+    def peek(self, digest: str) -> Any:
+        """The loaded state of a held version, or None (never loads)."""
+        with self._lock:
+            return self._items.get(digest)
+
     def get(self, version: Version) -> Any:
         """The loaded state of ``version``, loading it first when absent (blocking)."""
         with self._lock:
