@@ -2,7 +2,7 @@
 
     imprag data synth --out DIR [--seed N] [--passages N]
     imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--seed N]
-    imprag train --config jobs/X.yaml [key.sub=value ...] [--resume]
+    imprag train --config jobs/X.yaml [key.sub=value ...] [--resume] [--address URL | --no-ray]
     imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
     imprag demo [--json OUT] [key.sub=value ...]
 
@@ -50,6 +50,10 @@ def _add_train(sub) -> None:
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--json", type=Path, default=None, help="write the final eval metrics here")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to train on (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="train in this process (Ray-free recipe loop; ignores the ray: section)")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(func=cmd_train)
 
@@ -151,10 +155,17 @@ def load_train_config(path: Path, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
-    from imprag_ray.train.local import train_local
-
     cfg = load_train_config(args.config, args.overrides)
-    final = train_local(cfg, resume=args.resume)
+    if args.no_ray:
+        from imprag_ray.train.local import train_local
+
+        final = train_local(cfg, resume=args.resume)
+    else:
+        from imprag_ray.pipelines.train import train_ray
+
+        run = train_ray(cfg, resume=args.resume, address=args.address)
+        final = run.eval
+        print(f"checkpoint: {run.checkpoint}\nmetrics: {run.metrics}\ncurves: {run.curves}")
     print(json.dumps(final, indent=2))
     if args.json:
         from imprag_ray.data.io import write_json_atomic
