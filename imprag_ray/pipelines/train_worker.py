@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -47,12 +48,20 @@ class DistributedRecipe(ImpRAGRecipe):
         super().__init__(*args, **kwargs)
         self.group = group
         self.device = device or torch.device("cpu")
+        self.timed_tokens, self.timed_seconds = 0, 0.0  # this epoch's train steps only
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         for batch in super().epoch_batches(epoch):
             yield _to_device(batch, self.device)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = self._train_step(batch)
+        self.timed_seconds += time.perf_counter() - start
+        self.timed_tokens += int(batch.attention_mask.sum())
+        return metrics
+
+    def _train_step(self, batch: Batch) -> dict[str, float]:
         if self.world_size > 1 and batch.stage == "warmup" and not self.closed_book:
             mine = bool(batch.retrieval.any())
             anyone = torch.tensor([int(mine)], device=self.device)
@@ -140,6 +149,21 @@ def _mean_across_workers(values: dict[str, float], world: int, device: torch.dev
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _throughput(recipe: DistributedRecipe, world: int, device: torch.device) -> dict[str, float]:
+    """Prompt + target tokens of all workers per second of train steps (the slowest
+    worker's time; setup, evaluation and checkpoints excluded)."""
+    tokens = torch.tensor([float(recipe.timed_tokens)], dtype=torch.float64, device=device)
+    seconds = torch.tensor([recipe.timed_seconds], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(tokens)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return {
+        "train_tokens": int(tokens.item()),
+        "train_seconds": seconds.item(),
+        "train_tokens_per_s": tokens.item() / max(seconds.item(), 1e-9),
+    }
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -239,12 +263,14 @@ def _run_epochs(recipe, cfg: TrainJobConfig, rank: int, world: int, device, log)
 
     while recipe.epoch < tc.epochs:
         stage = recipe.stage(recipe.epoch)
+        recipe.timed_tokens, recipe.timed_seconds = 0, 0.0
         means = recipe.train_epoch(eval_fn)
         row = {
             "epoch": recipe.epoch,
             "step": recipe.step,
             "stage": stage,
             **{f"mean_{k}": v for k, v in _mean_across_workers(means, world, device).items()},
+            **_throughput(recipe, world, device),
         }
         due = recipe.epoch % tc.save_every_epochs == 0 or recipe.epoch == tc.epochs
         name = f"epoch-{recipe.epoch:03d}" if due else None

@@ -199,7 +199,16 @@ def _assert_checkpoints_load(run_dir: Path, names: list[str]) -> None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         assert state["epoch"] == int(name.split("-")[1]) and state["step"] > 0
         assert {"optimizer", "scheduler"} <= set(state) and model.b == 1
-    leftovers = [p.name for p in run_dir.parent.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+    # no temp / partial dirs in storage or in the local checkpoint dir (Ray's own marker aside)
+    local = (
+        Path(json.loads((run_dir / names[-1] / "job_config.json").read_text())["output_dir"]) / "checkpoints"
+    )
+    found = [*run_dir.parent.rglob("*"), *local.rglob("*")]
+    leftovers = [
+        p.name
+        for p in found
+        if p.name != ".validate_storage_marker" and (p.name.startswith(".") or "tmp" in p.name)
+    ]
     assert leftovers == [], leftovers
 
 
