@@ -76,6 +76,21 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="run a job file on a Ray cluster (ray job submit)")
+    p.add_argument("job", type=Path, help="job YAML under the project (jobs/...)")
+    p.add_argument("--address", required=True, help="Ray dashboard / job server, e.g. http://127.0.0.1:8265")
+    p.add_argument("--command", default="train", choices=["train", "index", "batch", "serve"],
+                   help="what the job file runs (default train)")
+    p.add_argument("--cluster", type=Path, default=None, help="cluster file to check resources against")
+    p.add_argument("--working-dir", type=Path, default=Path("."), help="project dir shipped to the cluster")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job's environment")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.add_argument("--dry-run", action="store_true", help="print the submission, submit nothing")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=cmd_submit)
+
+
 def _add_bench(sub) -> None:
     import importlib
     import importlib.util
@@ -87,6 +102,12 @@ def _add_bench(sub) -> None:
     for name in BENCHES:
         if importlib.util.find_spec(f"imprag_ray.bench.{name}") is not None:
             importlib.import_module(f"imprag_ray.bench.{name}").add_parser(bsub)
+
+
+def _add_serve(sub) -> None:
+    from imprag_ray.serve.cli import add_parser
+
+    add_parser(sub)
 
 
 def _add_index(sub) -> None:
@@ -109,16 +130,10 @@ def _add_batch(sub) -> None:
     p.set_defaults(func=cmd_batch)
 
 
-def _add_serve(sub) -> None:
-    from imprag_ray.serve.cli import add_parser
-
-    add_parser(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_bench, _add_serve):
+    for add in (_add_data, _add_model, _add_train, _add_eval, _add_demo, _add_submit, _add_bench, _add_serve):
         add(sub)
     for add in (_add_index, _add_batch):
         add(sub)
@@ -192,6 +207,27 @@ def cmd_demo(args) -> int:
 
     run_demo(args.json, args.overrides)
     return 0
+
+
+def cmd_submit(args) -> int:
+    from imprag_ray import submit
+
+    env = {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    cfg = submit.load_job(args.job, args.command, args.overrides)
+    if args.cluster is not None:
+        submit.check_cluster(cfg, args.cluster, args.command)
+    submission = submit.build_submission(args.job, args.command, args.overrides, args.working_dir, env)
+    if args.dry_run:
+        print(json.dumps(submission, indent=2))
+        return 0
+    job_id, status = submit.submit(args.address, submission, wait=not args.no_wait)
+    print(f"imprag submit: job {job_id} {status}")
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
 
 def cmd_index_build(args) -> int:

@@ -108,7 +108,9 @@ def local_cluster(
     # Token auth switches itself on when ~/.ray/auth_token exists; a loopback test cluster
     # runs without it (drivers connecting to it need the same setting: set here too).
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # As if started from an activated venv: job entrypoints' `python` is this interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cluster = LocalCluster(address, temp_dir, len(cpus_per_node), env, free_port() if dashboard else 0)
     store = str(object_store_mb * 1024 * 1024)
     try:
