@@ -257,10 +257,15 @@ def _kill_when(out: Path, rank: int, ready, done: threading.Event, record: dict)
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def faulted_run(tiny_world, tmp_path_factory):
+    """A 2-worker, 3-epoch run on local Ray whose rank-1 worker is SIGKILLed in epoch 3
+    (after two checkpoints were reported); ``max_failures: 1`` lets it resume."""
     from imprag_ray.pipelines.train import train_ray
+    from tests.conftest import _connect
 
-    out = tmp_path / "run"
+    _connect("local", num_cpus=2, include_dashboard=False, address="local")
+    out = tmp_path_factory.mktemp("faulted") / "run"
     cfg = _job(tiny_world, out, {"num_workers": 2, "max_failures": 1}, epochs=3, warmup_epochs=1)
 
     def ready(rows):  # two checkpoints reported, and a step of the third epoch done
@@ -273,45 +278,57 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_world, tmp_p
         run = train_ray(cfg, echo=None)
     finally:
         done.set()
-    assert record, "the worker was never killed"
+    return {"out": out, "run": run, "killed": record, "config": out.parent / f"{out.name}.yaml"}
+
+
+def test_killed_worker_resumes_from_last_checkpoint(faulted_run):
+    out, run, killed = faulted_run["out"], faulted_run["run"], faulted_run["killed"]
+    assert killed, "the worker was never killed"
     setups = [r for r in _rows(out) if r.get("event") == "setup"]
     assert len(setups) == 2 and setups[0]["resumed_from"] is None
     resumed = setups[1]
     assert resumed["resumed_from"].endswith(f"epoch-{resumed['start_epoch']:03d}")
     assert resumed["start_epoch"] >= 1 and resumed["start_step"] == 3 * resumed["start_epoch"]
+    assert resumed["start_step"] < killed["killed_after_step"]  # work after the checkpoint is redone
     after = [r for r in _rows(out) if r["time"] > resumed["time"] and "loss" in r]
     assert after[0]["step"] == resumed["start_step"] + 1  # continued, not restarted
     assert _epochs(out)[-1]["epoch"] == 3 and run.checkpoint.endswith("epoch-003")
     _assert_checkpoints_load(Path(run.run_dir), ["epoch-001", "epoch-002", "epoch-003"])
-    assert json.loads((out / "workers/rank-1.json").read_text())["pid"] != record["pid"]
+    assert json.loads((out / "workers/rank-1.json").read_text())["pid"] != killed["pid"]
 
 
 # ------------------------------ --resume of a stopped run; metrics artefacts
-def test_resume_of_a_stopped_run_and_its_metrics_files(ray_local, tiny_world, tmp_path):
+def test_resume_of_a_stopped_run_and_its_metrics_files(faulted_run, tmp_path):
+    """The finished 3-epoch run is refused without --resume, then extended to 4 epochs."""
     from imprag_ray.cli import main
 
-    out = tmp_path / "run"
-    cfg_path = tmp_path / "run.yaml"
-    _job(tiny_world, out, {"num_workers": 1}, epochs=2, warmup_epochs=1)
-    assert main(["train", "--config", str(cfg_path), "train.epochs=1"]) == 0  # stops after epoch 1
-    assert main(["train", "--config", str(cfg_path)]) == 2  # exists: refused without --resume
-    assert main(["train", "--config", str(cfg_path), "--resume", "--json", str(tmp_path / "f.json")]) == 0
+    out, cfg = faulted_run["out"], str(faulted_run["config"])
+    assert main(["train", "--config", cfg, "train.epochs=4"]) == 2  # exists: refused
+    assert (
+        main(["train", "--config", cfg, "train.epochs=4", "--resume", "--json", str(tmp_path / "f.json")])
+        == 0
+    )
     setups = [r for r in _rows(out) if r.get("event") == "setup"]
-    assert [s["start_epoch"] for s in setups] == [0, 1]
-    assert setups[1]["resumed_from"].endswith("epoch-001") and setups[1]["start_step"] == 3
-    assert [r["epoch"] for r in _epochs(out)] == [1, 2]
+    assert len(setups) == 3 and setups[2]["start_epoch"] == 3 and setups[2]["start_step"] == 9
+    assert setups[2]["resumed_from"].endswith("epoch-003")
+    assert _epochs(out)[-1]["epoch"] == 4
     assert set(json.loads((tmp_path / "f.json").read_text())) == {"qa"}
+    _assert_checkpoints_load(
+        Path(faulted_run["run"].run_dir), ["epoch-001", "epoch-002", "epoch-003", "epoch-004"]
+    )
 
     steps = [r for r in _rows(out) if "loss" in r and r.get("event") is None]
-    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert sorted({r["step"] for r in steps}) == list(range(1, 13))
     assert all(0 < r["loss"] < 50 and r["j_gen"] > 0 for r in steps)
+    epochs = _epochs(out)
+    assert all(e["train_tokens"] > 0 and e["train_tokens_per_s"] > 0 for e in epochs)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     loss = events.Scalars("train/loss")
-    assert [e.step for e in loss] == list(range(1, 7))
-    assert loss[0].value == pytest.approx(steps[0]["loss"], rel=1e-5)
+    assert sorted({e.step for e in loss}) == list(range(1, 13))
+    assert [e.value for e in loss if e.step == 12] == pytest.approx([steps[-1]["loss"]], rel=1e-5)
     assert "epoch/dev/qa/recall@1" in events.Tags()["scalars"]
 
     png = (out / "training_curves.png").read_bytes()
