@@ -226,7 +226,7 @@ class Searcher:
                 retrieved[i], scores[i] = list(ids[j]), [float(s) for s in sc[j][: len(ids[j])]]
         passages = np.empty(n, dtype=object)
         for i in range(n):
-            passages[i] = [list(self.store.tokens[p]) for p in retrieved[i][: self.top_k]] if use[i] else None
+            passages[i] = [list(self.store.tokens[p]) for p in retrieved[i][: self.top_k]] if use[i] else []
         out = {k: v for k, v in batch.items() if k != "query_embedding"}
         return {**out, "retrieved": _objects(retrieved), "scores": _objects(scores), "passages": passages}
 
@@ -258,8 +258,9 @@ class Generator:
 
         requests = []
         for i in range(len(batch["id"])):
-            p = batch["passages"][i]
-            passages = None if p is None else tuple(tuple(int(t) for t in x) for x in p)
+            # closed book (no retriever, or a retrieval-free format): the base LLM path
+            read = bool(batch["use_passages"][i])
+            passages = tuple(tuple(int(t) for t in x) for x in batch["passages"][i]) if read else None
             requests.append(
                 GenerationRequest(
                     tuple(int(t) for t in batch["prompt_ids"][i]),
@@ -376,9 +377,10 @@ def _closed_book(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     empty = _objects([[] for _ in range(n)])
     return {
         **batch,
+        "use_passages": np.zeros(n, dtype=bool),
         "retrieved": empty,
         "scores": _objects([[] for _ in range(n)]),
-        "passages": np.array([None] * n, dtype=object),
+        "passages": _objects([[] for _ in range(n)]),
     }
 
 
@@ -446,6 +448,9 @@ def run_batch(cfg, *, echo: Callable[[str], None] = print, metrics: bool = True)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # output rows in input order
+    old_deaths = ctx.max_consecutive_actor_init_deaths
+    # A loaded machine sometimes loses a pending actor; replace it instead of failing.
+    ctx.max_consecutive_actor_init_deaths = max(old_deaths, 3)
     try:
         count = write_predictions(_rows(build_dataset(cfg, s)), s["output"])
     except ray.exceptions.RayTaskError as err:  # a user-data error inside a worker
@@ -455,6 +460,7 @@ def run_batch(cfg, *, echo: Callable[[str], None] = print, metrics: bool = True)
         raise
     finally:
         ctx.execution_options.preserve_order = old_order
+        ctx.max_consecutive_actor_init_deaths = old_deaths
     echo(f"batch: {count} predictions -> {s['output']}")
     result: dict[str, Any] = {"output": s["output"], "count": count, "metrics": None}
     if metrics:

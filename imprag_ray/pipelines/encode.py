@@ -43,6 +43,20 @@ PARTS_FILE = "parts.json"
 
 
 # ------------------------------------------------------------------ settings
+def connect_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when
+    this process is already connected (the demo calls the pipelines on its own Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+    else:
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+
+
 def resolve_paths(cfg) -> dict[str, str]:
     """Index dir, shard dir, corpus and checkpoint of a job (``index:`` defaults filled)."""
     ic = cfg.index
@@ -261,6 +275,9 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shard s = corpus rows [s*S, (s+1)*S)
+    old_deaths = ctx.max_consecutive_actor_init_deaths
+    # A loaded machine sometimes loses a pending actor; replace it instead of failing.
+    ctx.max_consecutive_actor_init_deaths = max(old_deaths, 3)
     try:
         ds = read_corpus_dataset(paths["corpus"], ic.tokenize_num_cpus)
         ds = ds.map_batches(
@@ -287,6 +304,7 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
         written = _drain(ds, shard_dir, done, ic.shard_size, echo)
     finally:
         ctx.execution_options.preserve_order = old_order
+        ctx.max_consecutive_actor_init_deaths = old_deaths
     all_done = finished_shards(shard_dir)
     return {
         "shard_dir": str(shard_dir),
