@@ -24,6 +24,7 @@ from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
+    AttentionMetadata,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
@@ -92,7 +93,7 @@ class _Group:
 
 
 @dataclass
-class ImpRAGMetadata:
+class ImpRAGMetadata(AttentionMetadata):
     num_actual_tokens: int
     slot_mapping: Tensor  # [T] slot of each new token
     block_table: Tensor  # [num_reqs, max_blocks]

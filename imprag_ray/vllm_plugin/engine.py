@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from imprag_ray.engine.base import (
     EngineError,
@@ -137,9 +137,12 @@ class VLLMEngine(GenerationEngine):
             "imprag_max_passage_tokens": self._l_max,
             "imprag_num_passages": self._k,
         }
+        extra: dict[str, Any] = dict(engine_args)
+        if max_model_len is not None:
+            extra["max_model_len"] = max_model_len
         args = AsyncEngineArgs(
             model=str(path),
-            dtype=dtype,
+            dtype=cast(Any, dtype),  # validated by vLLM
             skip_tokenizer_init=True,  # requests are token ids; ids >= V encode the region
             hf_overrides=overrides,
             max_num_seqs=max_num_seqs,
@@ -147,12 +150,11 @@ class VLLMEngine(GenerationEngine):
             enable_chunked_prefill=True,
             enable_prefix_caching=enable_prefix_caching,
             kv_cache_memory_bytes=int(kv_cache_gib * GiB),
-            max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             seed=seed,
             worker_extension_cls="imprag_ray.vllm_plugin.worker.ImpRAGWorkerExtension",
             disable_log_stats=True,
-            **engine_args,
+            **extra,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="imprag-vllm-loop", daemon=True)
@@ -163,7 +165,7 @@ class VLLMEngine(GenerationEngine):
         # (updated on the loop thread only).
         self.cached_prompt_tokens = 0
         try:
-            self._llm = self._call(self._start(args))
+            self._llm: Any = self._call(self._start(args))
         except BaseException:
             self._stop_loop()
             raise

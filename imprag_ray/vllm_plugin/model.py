@@ -18,6 +18,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 from vllm.config import CacheConfig, VllmConfig
@@ -33,6 +34,7 @@ from vllm.v1.attention.backend import AttentionType
 
 from imprag_ray.vllm_plugin.attention import ImpRAGAttentionBackend, TokenFlags
 from imprag_ray.vllm_plugin.layout import decode_ids
+from imprag_ray.vllm_plugin.patches import apply_cpu_seed_patch
 
 ARCHITECTURE = "ImpRAGLlamaForCausalLM"
 OVERRIDE_KEYS = {  # hf_config attribute -> imprag_config.json field
@@ -57,7 +59,7 @@ class ReaderSettings:
 def reader_settings(vllm_config: VllmConfig) -> ReaderSettings:
     """b, t, l_max, k from the hf_config overrides, else from imprag_config.json."""
     hf = vllm_config.model_config.hf_config
-    values = {field: getattr(hf, key, None) for key, field in OVERRIDE_KEYS.items()}
+    values: dict[str, Any] = {field: getattr(hf, key, None) for key, field in OVERRIDE_KEYS.items()}
     if any(v is None for v in values.values()):
         path = Path(vllm_config.model_config.model) / "imprag_config.json"
         if not path.exists():
@@ -65,11 +67,11 @@ def reader_settings(vllm_config: VllmConfig) -> ReaderSettings:
                 f"{path} not found and hf_overrides lack {sorted(OVERRIDE_KEYS)}: "
                 "load ImpRAG checkpoints through imprag_ray's VLLMEngine or pass these keys"
             )
-        saved = json.loads(path.read_text())
-        values = {
-            field: values[field] if values[field] is not None else saved.get(field, 10)
-            for field in OVERRIDE_KEYS.values()
-        }
+        saved = {"num_passages": 10, **json.loads(path.read_text())}  # ImpRAGConfig's default k
+        values = {f: saved.get(f) if v is None else v for f, v in values.items()}
+        missing = [f for f, v in values.items() if v is None]
+        if missing:
+            raise ValueError(f"{path}: missing {missing}")
     settings = ReaderSettings(
         int(values["retrieval_layer"]),
         int(values["reader_last_layer"]),
@@ -156,10 +158,11 @@ class ImpRAGLlamaForCausalLM(LlamaForCausalLM):
     """Llama whose layers b..t let prompt tokens read the passage region (DESIGN §1)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        apply_cpu_seed_patch()  # we are in a worker process: its model runner is loaded
         self.settings = reader_settings(vllm_config)
         flags = TokenFlags()
         attn_type = functools.partial(ImpRAGLlamaAttention, settings=self.settings, flags=flags)
-        layer_type = functools.partial(LlamaDecoderLayer, attn_layer_type=attn_type)
+        layer_type = functools.partial(LlamaDecoderLayer, attn_layer_type=attn_type)  # type: ignore[arg-type]
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)  # type: ignore[arg-type]
         self.flags = flags
         self.region_vocab = vllm_config.model_config.hf_config.vocab_size  # V of the id encoding

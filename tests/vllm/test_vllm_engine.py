@@ -51,7 +51,7 @@ def engine(ckpt):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    return build_engine("torch", str(ckpt), device="cpu", max_batch_size=1)
+    return build_engine("torch", str(ckpt), device="cpu", max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,18 @@ def test_stream_equals_generate_and_threads_share_the_engine(engine, reference, 
     assert [streamed[i] for i in range(len(reqs))] == expected
     assert max(chunks_seen.values()) > 1  # incremental, not one final chunk
     assert [r.token_ids for r in generated] == _ref(reference, requests_[6:12])
+
+
+def test_seeded_sampling_is_reproducible(engine, requests_):
+    """Seeded requests are chunk-prefilled too (vLLM-CPU's generator rewind is patched)."""
+    r = requests_[2]
+
+    def sampled(seed: int) -> GenerationRequest:
+        return GenerationRequest(r.prompt_ids, r.passages, Sampling(12, temperature=1.5, seed=seed))
+
+    a, b, c = (x.token_ids for x in engine.generate([sampled(3), sampled(3), sampled(4)]))
+    alone = engine.generate([sampled(3)])[0].token_ids
+    assert a == b == alone and a != c
 
 
 def test_stream_can_be_abandoned(engine, requests_):
