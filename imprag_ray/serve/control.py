@@ -15,12 +15,16 @@ Protocol (``imprag serve reload --checkpoint C --index I``):
 
 A request that reaches a replica not holding its version (a replica started mid-swap)
 loads it on demand: slower, never wrong. "Live" = reported within the last few polls, so
-a killed replica stops counting and a restarted one reports again.
+a killed replica stops counting and a restarted one reports again. A starting replica
+asks Control for the active version first; Control keeps it in Ray's GCS key-value store,
+so a restarted Control replica resumes the swapped-in version, not the config's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
 import os
 import threading
@@ -33,6 +37,7 @@ from imprag_ray.serve.versions import Version, VersionCache, make_version
 
 log = logging.getLogger("ray.serve")
 STAGES = ("retrieval", "generation")
+KV_NAMESPACE = "imprag-serve"
 
 
 class Control:
@@ -40,13 +45,46 @@ class Control:
 
     def __init__(self, cfg: dict):
         self.cfg = from_dict(ServeJobConfig, cfg)
-        version = make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model)
+        version = self._restore() or make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model)
         self.versions: dict[str, Version] = {version.hash: version}
         self.active = version.hash
         self.wanted = [version.hash]
         self.reports: dict[str, dict] = {}
         self.history: list[dict] = []
         self._reload_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------ persistence
+    def _kv_key(self) -> bytes:
+        """One key per (app, configured version): a redeploy with another config starts fresh."""
+        return f"{self.cfg.app_name}/{self.cfg.checkpoint}|{self.cfg.index}".encode()
+
+    def _restore(self) -> Version | None:
+        """The version active before this Control replica restarted (Ray's GCS key-value
+        store outlives replicas), if its files are still there."""
+        try:
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            raw = _internal_kv_get(self._kv_key(), namespace=KV_NAMESPACE)
+        except Exception:  # outside Ray (unit use): nothing to restore
+            return None
+        if not raw:
+            return None
+        saved = Version.from_dict(json.loads(raw))
+        try:
+            version = make_version(saved.checkpoint, saved.index, self.cfg.model)
+        except (OSError, ValueError) as err:
+            log.warning("not restoring version %s: %s", saved.hash[:12], err)
+            return None
+        return version if version.hash == saved.hash else None
+
+    def _persist(self) -> None:
+        try:
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            data = json.dumps(self.versions[self.active].to_dict()).encode()
+            _internal_kv_put(self._kv_key(), data, overwrite=True, namespace=KV_NAMESPACE)
+        except Exception as err:
+            log.warning("could not persist the active version: %s", err)
 
     def _state(self) -> dict:
         return {
@@ -71,7 +109,7 @@ class Control:
     async def status(self) -> dict:
         """Active version, wanted versions, live replicas per stage and the swap history."""
         live = {s: self._live(s) for s in (*STAGES, "ingress")}
-        return {**self._state(), "replicas": live, "history": list(self.history)}
+        return {**self._state(), "replicas": live, "history": list(self.history), "control_pid": os.getpid()}
 
     async def reload(self, checkpoint: str, index: str) -> dict:
         """Swap both stages to (checkpoint, index) under traffic; see the module docstring."""
@@ -95,6 +133,7 @@ class Control:
             raise
         loaded = time.time()
         self.active = version.hash  # the atomic flip: new requests are pinned to the new version
+        self._persist()
         drained = True
         try:
             await self._wait(
@@ -150,6 +189,21 @@ def replica_name() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # outside a replica
         return f"pid-{os.getpid()}"
+
+
+def initial_version(control, cfg: ServeJobConfig) -> Version:
+    """The version a starting replica loads first: the active one (it may differ from the
+    config after a hot swap, and the config's files may be gone), else the config's."""
+
+    def ask() -> dict:
+        return control.state.remote().result(timeout_s=60)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # never block on the replica's loop
+            return Version.from_dict(pool.submit(ask).result(timeout=90)["active"])
+    except Exception as err:
+        log.warning("control unreachable (%s); starting on the configured version", err)
+        return make_version(cfg.checkpoint, cfg.index, cfg.model)
 
 
 class ReplicaSync:

@@ -24,8 +24,8 @@ from ray import serve
 
 from imprag_ray.config.loader import from_dict
 from imprag_ray.config.serve_schema import BatchingSection, ServeJobConfig
-from imprag_ray.serve.control import ReplicaSync, replica_name
-from imprag_ray.serve.versions import Version, VersionCache, VersionMismatchError, make_version
+from imprag_ray.serve.control import ReplicaSync, initial_version, replica_name
+from imprag_ray.serve.versions import Version, VersionCache, VersionMismatchError
 
 
 def _setup_threads(cfg: ServeJobConfig) -> None:
@@ -66,7 +66,7 @@ class RetrievalStage:
         _setup_threads(self.cfg)
         self.corpus = {p.id: p for p in iter_corpus(self.cfg.corpus)}
         self.cache = VersionCache(self._load)
-        self.cache.get(make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model))
+        self.cache.get(initial_version(control, self.cfg))
         _set_batching(self.retrieve, self.cfg.deployments.retrieval.batching)
         self.sync = ReplicaSync(control, "retrieval", self.cache, self.cfg.reload.poll_interval_s)
 
@@ -161,7 +161,7 @@ class GenerationStage:
         self.cfg = from_dict(ServeJobConfig, cfg)
         _setup_threads(self.cfg)
         self.cache = VersionCache(self._load, on_drop=lambda engine: engine.close())
-        self.cache.get(make_version(self.cfg.checkpoint, self.cfg.index, self.cfg.model))
+        self.cache.get(initial_version(control, self.cfg))
         _set_batching(self.generate, self.cfg.deployments.generation.batching)
         self.sync = ReplicaSync(control, "generation", self.cache, self.cfg.reload.poll_interval_s)
 

@@ -149,7 +149,8 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
     wait_for(restored, 120, interval=1.0, what="Serve to restore the killed generation replica")
     counts = httpx_get_health(serve_app)["ingress"]["counts"]
     print(f"fault: ingress retries {counts}")
-    assert counts.get("retried_generation", 0) >= 1  # requests in flight on the killed replica were retried
+    # How many generation calls died with the replica and were retried elsewhere depends on
+    # what the victim held at that instant (seen 0..3); the client-visible count is 0 above.
 
 
 def test_hot_swap_under_load_fails_no_request_and_then_serves_the_new_checkpoint(serve_app):
@@ -251,3 +252,46 @@ def test_hot_swap_under_load_fails_no_request_and_then_serves_the_new_checkpoint
             return all(r["held"] == [w["hash_b"]] for stage in replicas.values() for r in stage)
 
         wait_for(dropped_old, 60, what="replicas to drop the old version")
+
+
+def test_restarted_control_and_stage_replicas_resume_the_swapped_in_version(serve_app):
+    """After the hot swap, kill the Control replica and a generation replica: Serve restores
+    both, Control resumes version B (kept in Ray's GCS key-value store), the new generation
+    replica starts on B (not on the config's A), and requests keep being served by B."""
+    import httpx
+
+    w = serve_app
+    status = control_status()
+    assert status["active"]["hash"] == w["hash_b"]
+    victim = status["replicas"]["generation"][0]["pid"]
+    os.kill(status["control_pid"], signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
+
+    def recovered() -> bool:
+        try:
+            s = control_status()
+        except Exception:
+            return False
+        gen = s["replicas"]["generation"]
+        return (
+            s["control_pid"] != status["control_pid"]
+            and len(gen) == 2
+            and victim not in [r["pid"] for r in gen]
+        )
+
+    wait_for(recovered, 180, interval=1.0, what="Serve to restore Control and the generation replica")
+    s = control_status()
+    assert s["active"]["hash"] == w["hash_b"]
+    assert all(
+        r["held"] == [w["hash_b"]] for stage in ("retrieval", "generation") for r in s["replicas"][stage]
+    )
+    time.sleep(1.0)  # one ingress poll
+    with httpx.Client(
+        base_url=w["url"], timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as client:
+        for i in range(4):
+            body = client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": prompt_for(i), "max_tokens": 4}
+            )
+            assert body.status_code == 200 and body.json()["checkpoint_hash"] == w["hash_b"]
+        assert client.get("/healthz").json()["checkpoint_hash"] == w["hash_b"]
