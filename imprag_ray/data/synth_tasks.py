@@ -125,7 +125,8 @@ class TaskBuilder:
 
     # ---- reading curriculum: the gold passage is in the reader's passage slots --------------
     def reading(self, pool: list[Person], prefix: str) -> list[dict[str, Any]]:
-        """One row per person of ``pool``: copy its passage or answer a QA-format question.
+        """One row per person of ``pool``: copy its passage, list its facts as "relation: value"
+        pairs (a profile), or answer a QA-format question.
 
         Trained with ``context: gold`` (the person's passage among random others in the
         ImpRAG passage slots, reader loss only). Copying whole passages is a dense signal that
@@ -134,14 +135,22 @@ class TaskBuilder:
         """
         rows = []
         for i, p in enumerate(pool):
-            if i % 2 == 0:
+            if i % 3 == 0:
                 text, answer, meta = V.COPY_PROMPT.format(name=p.name), p.text, {"task": "copy"}
+            elif i % 3 == 1:
+                text, answer, meta = V.PROFILE_PROMPT.format(name=p.name), self._profile(p), {"task": "profile"}
             else:
                 rel = self.rng.choice(V.RELATIONS)
                 q = self.rng.choice(V.QUESTIONS[rel]).format(name=p.name)
                 text, answer, meta = f"Q: {q} A:", p.facts[rel], {"task": "read_qa", "relation": rel}
             rows.append(_row(f"{prefix}-{i:05d}", text, answer, p, meta))
         return rows
+
+    def _profile(self, p: Person) -> str:
+        """All facts as "relation: value" pairs in random order: each value must be looked up
+        in the passage by its relation (other wording than the passage, so no span copying)."""
+        rels = self.rng.sample(V.RELATIONS, len(V.RELATIONS))
+        return ", ".join(f"{V.SLOT_NAMES_PROFILE[r]}: {p.facts[r]}" for r in rels)
 
     def _instr_rc(self, p: Person) -> tuple[str, str]:
         rel = self.rng.choice(V.RELATIONS)

@@ -290,3 +290,11 @@ PREV_PROMPT = "Passage: {sentence} Write the sentence that came before. A:"
 DENOISE_PROMPT = "Fill in the [MASK] in the passage. Passage: {masked} A:"
 # Reading curriculum (passages in the reader's slots, not in the prompt).
 COPY_PROMPT = "Copy the passage about {name}. A:"
+PROFILE_PROMPT = "List the facts about {name}. A:"
+SLOT_NAMES_PROFILE: dict[str, str] = {  # not the slot-filling names: that format stays unseen
+    "birthplace": "home town",
+    "occupation": "trade",
+    "employer": "guild",
+    "river": "river",
+    "birth_year": "born",
+}

@@ -171,13 +171,16 @@ def test_reading_curriculum_copies_and_asks_with_the_gold_passage(world):
     corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
     rows = _tasks(world, "train")["train/reading.jsonl"]
     kinds = {ex.meta["task"] for ex in rows}
-    assert kinds == {"copy", "read_qa"}
+    assert kinds == {"copy", "profile", "read_qa"}
     assert len(rows) == split_sizes(N)["train"] + split_sizes(N)["distractor"]  # one per non-held-out person
     for ex in rows:
         gold = corpus[ex.provenance[0]]
         assert format_prompt(ex) == ex.input and ex.input.endswith("A:") and gold.title in ex.input
         if ex.meta["task"] == "copy":
             assert ex.answers[0] == gold.text
+        elif ex.meta["task"] == "profile":
+            values = [pair.split(": ")[1] for pair in ex.answers[0].split(", ")]
+            assert len(values) == 5 and all(v in gold.text for v in values)
         else:
             assert ex.input.startswith("Q: ") and ex.answers[0] in gold.text
 
