@@ -191,7 +191,7 @@ class RayTrainConfig:
     storage_path: str | None = None
     run_name: str | None = None  # null = the job's name
     max_failures: int = 0  # automatic restarts from the latest checkpoint; -1 = unlimited
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards each decoder layer (3B/8B)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp (per-layer sharding, 3B/8B): refused for now, see README
     num_to_keep: int | None = None  # checkpoints kept in storage (null = all)
 
     def validate(self) -> None:

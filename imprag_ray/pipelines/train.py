@@ -50,11 +50,16 @@ def check_ray_config(cfg: TrainJobConfig) -> None:
             f"the global batch ({tc.batch_size}) must divide evenly over ray.num_workers "
             f"({rc.num_workers}); use a multiple of {rc.num_workers}",
         )
-    if rc.strategy == "fsdp" and not rc.use_gpu:
+    if rc.strategy == "fsdp":
+        # Probed with torch FSDP on CPU/gloo (2 processes, tiny model): with one unit per
+        # decoder layer the forward fails (ImpRAGModel runs a layer's projections and norms
+        # directly, not through the layer's forward, so the unit never unshards); with one
+        # root unit forward+backward run, but embed_passages, which the recipe calls outside
+        # forward, sees flat sharded weights. Ray's prepare_model also wraps FSDP only on CUDA.
         raise ConfigError(
             "ray.strategy",
-            "fsdp needs ray.use_gpu: true (Ray Train's prepare_model wraps FSDP only on CUDA); "
-            "use strategy: ddp on CPU",
+            "fsdp is not supported yet: ImpRAGModel calls decoder-layer submodules and "
+            "embed_passages outside the wrapped forward, which FSDP sharding breaks; use strategy: ddp",
         )
 
 

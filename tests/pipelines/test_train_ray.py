@@ -175,7 +175,7 @@ def test_cross_section_checks(tiny_world):
     cfg = load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp"])
     with pytest.raises(ConfigError) as err:
         check_ray_config(cfg)
-    assert err.value.key == "ray.strategy" and "use_gpu" in str(err.value)
+    assert err.value.key == "ray.strategy" and "ddp" in str(err.value)
 
 
 # ------------------------------------------------------------ helpers (Ray)
