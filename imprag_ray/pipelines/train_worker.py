@@ -130,11 +130,16 @@ def _flatten(row: dict, prefix: str = "") -> dict:
 
 
 # ------------------------------------------------------------------- the loop
-def _shard_source(shard, seed: int, rank: int) -> Callable[[int], list[int]]:
+def _shard_source(shard, seed: int, rank: int, n_items: int) -> Callable[[int], list[int]]:
     """epoch -> item indices of this worker's Ray Data shard, in a seeded order."""
 
     def order(epoch: int) -> list[int]:
         ids = [int(i) for b in shard.iter_batches(batch_size=4096, batch_format="numpy") for i in b["item"]]
+        if ids and max(ids) >= n_items:
+            raise ValueError(
+                f"the training dataset names example {max(ids)} but this worker read {n_items}; "
+                "the data.train files changed between the driver and the workers"
+            )
         random.Random(seed * 1000 + epoch * 101 + rank).shuffle(ids)
         return ids
 
@@ -200,7 +205,9 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt else contextlib.nullcontext(None) as resume_dir:
         recipe.setup(resume_from=resume_dir)
-    recipe.example_source = _shard_source(ray.train.get_dataset_shard("train"), cfg.seed, rank)
+    recipe.example_source = _shard_source(
+        ray.train.get_dataset_shard("train"), cfg.seed, rank, len(recipe.items)
+    )
     _wrap_model(recipe, cfg, world)
     if log:
         log(
