@@ -155,8 +155,11 @@ class PassageEncoder:
         self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
         import torch
 
+        start = time.time()  # wall clock: comparable across actors and nodes
         rows = list(batch["input_ids"])
         width = max([len(r) for r in rows] + [1])
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -172,6 +175,8 @@ class PassageEncoder:
             "id": batch["id"],
             "embedding": emb.float().cpu().numpy(),
             "node": np.array([self.node] * len(rows), dtype=object),
+            "t_start": np.full(len(rows), start),  # the encoding window (bench encode)
+            "t_end": np.full(len(rows), time.time()),
         }
 
 
@@ -301,7 +306,7 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
                 "dtype": cfg.model.dtype,
             },
         )
-        written = _drain(ds, shard_dir, done, ic.shard_size, echo)
+        written, window = _drain(ds, shard_dir, done, ic.shard_size, echo)
     finally:
         ctx.execution_options.preserve_order = old_order
         ctx.max_consecutive_actor_init_deaths = old_deaths
@@ -311,16 +316,19 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
         "shards_written": sorted(written),
         "shards_skipped": sorted(done),
         "passages_encoded": sum(written.values()),
+        "encode_window_s": round(window, 3),
         "count": sum(d["count"] for d in all_done.values()),
         "nodes": {s: d["nodes"] for s, d in sorted(all_done.items())},
         **state,
     }
 
 
-def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) -> dict[int, int]:
-    """Stream the encoder output in corpus order into shard files; {shard: count} written."""
+def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) -> tuple[dict[int, int], float]:
+    """Stream the encoder output in corpus order into shard files. Returns {shard: count}
+    written and the encoding window (first batch start to last batch end, seconds)."""
     rows = _global_rows(done, shard_size)
     written: dict[int, int] = {}
+    window = [float("inf"), float("-inf")]
     current, ids, embs, nodes = None, [], [], []
 
     def flush():
@@ -331,6 +339,9 @@ def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) ->
         echo(f"index: shard {current} written ({info['count']} passages, nodes {sorted(info['nodes'])})")
 
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if len(batch["id"]):
+            window[0] = min(window[0], float(batch["t_start"].min()))
+            window[1] = max(window[1], float(batch["t_end"].max()))
         for j in range(len(batch["id"])):
             s = next(rows) // shard_size
             if s != current:
@@ -340,7 +351,7 @@ def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) ->
             embs.append(batch["embedding"][j : j + 1])
             nodes.append(str(batch["node"][j]))
     flush()
-    return written
+    return written, max(window[1] - window[0], 0.0)
 
 
 # ------------------------------------------------------------------ the index
