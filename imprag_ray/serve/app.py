@@ -136,21 +136,48 @@ def run(cfg: ServeJobConfig, *, blocking: bool = True, address: str | None = Non
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
     echo(f"imprag serve: {cfg.app_name} ready at {url} (ray address {ray.get_runtime_context().gcs_address})")
     if blocking:
+        import signal
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)  # `timeout`, `kill`, pod shutdown: as Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut shutdown short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            echo("imprag serve: shutting down")
             serve.shutdown()
+            ray.shutdown()
     return url
+
+
+def connect(address: str | None) -> None:
+    """Join a running cluster (``auto`` by default). A cluster started by ``ray.init()``
+    uses token auth with the token in ``~/.ray/auth_token`` (or ``$RAY_AUTH_TOKEN``), but a
+    connecting driver only sends it in token mode: turn that on when a token is at hand."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:  # sets RAY_AUTH_MODE=token and refreshes Ray's cached config (must follow `import ray`)
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:  # a Ray without token auth
+        pass
+    ray.init(address=address or "auto", include_dashboard=False, log_to_driver=False)
 
 
 def reload(checkpoint: str, index: str, *, app_name: str = "imprag", address: str | None = None) -> dict:
     """Hot-swap a running app to (checkpoint, index): returns the swap record."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=address or "auto", include_dashboard=False, log_to_driver=False)
+    connect(address)
     ckpt, idx = str(Path(checkpoint).resolve()), str(Path(index).resolve())
     handle = serve.get_deployment_handle("Control", app_name=app_name)
     return handle.reload.remote(ckpt, idx).result(timeout_s=None)

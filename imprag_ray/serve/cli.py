@@ -69,10 +69,11 @@ def _reload(args) -> int:
 
 
 def _status(args) -> int:
-    import ray
     from ray import serve
 
-    ray.init(address=args.address or "auto", include_dashboard=False, log_to_driver=False)
+    from imprag_ray.serve.app import connect
+
+    connect(args.address)
     handle = serve.get_deployment_handle("Control", app_name=args.app_name)
     print(json.dumps(handle.status.remote().result(timeout_s=60), indent=2, default=str))
     return 0
