@@ -153,7 +153,7 @@ class VLLMEngine(GenerationEngine):
             enforce_eager=enforce_eager,
             seed=seed,
             worker_extension_cls="imprag_ray.vllm_plugin.worker.ImpRAGWorkerExtension",
-            disable_log_stats=True,
+            disable_log_stats=extra.pop("disable_log_stats", True),  # False: count preemptions
             **extra,
         )
         self._loop = asyncio.new_event_loop()
@@ -161,9 +161,10 @@ class VLLMEngine(GenerationEngine):
         self._thread.start()
         self._reload_lock = threading.Lock()
         self._closed = False
-        # Prompt tokens served from the prefix cache, summed over finished requests
-        # (updated on the loop thread only).
+        # Summed over finished requests (updated on the loop thread only): prompt tokens
+        # served from the prefix cache; preemptions (only with disable_log_stats=False).
         self.cached_prompt_tokens = 0
+        self.preemptions = 0
         try:
             self._llm: Any = self._call(self._start(args))
         except BaseException:
@@ -234,6 +235,12 @@ class VLLMEngine(GenerationEngine):
         )
         return {"prompt_token_ids": ids}, params
 
+    def _account(self, out) -> None:
+        if out.finished:
+            self.cached_prompt_tokens += out.num_cached_tokens or 0
+            if out.metrics is not None:
+                self.preemptions += out.metrics.num_preemptions
+
     def _strip(self, tokens: Sequence[int]) -> tuple[list[int], bool]:
         tokens = list(tokens)
         if self._eos is not None and self._eos in tokens:
@@ -244,8 +251,7 @@ class VLLMEngine(GenerationEngine):
         tokens: list[int] = []
         async for out in self._llm.generate(prompt, params, f"imprag-{uuid.uuid4().hex}"):
             tokens.extend(out.outputs[0].token_ids)
-            if out.finished:
-                self.cached_prompt_tokens += out.num_cached_tokens or 0
+            self._account(out)
         row, stopped = self._strip(tokens)
         return GenerationResult(row, "stop" if stopped else "length", request_id)
 
@@ -268,8 +274,7 @@ class VLLMEngine(GenerationEngine):
             try:
                 async for out in self._llm.generate(prompt, params, request_id):
                     chunks.put(list(out.outputs[0].token_ids))
-                    if out.finished:
-                        self.cached_prompt_tokens += out.num_cached_tokens or 0
+                    self._account(out)
                 chunks.put(_DONE)
             except BaseException as e:  # surfaced to the consumer
                 chunks.put(e)

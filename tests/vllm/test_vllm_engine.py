@@ -2,7 +2,8 @@
 
 One engine for the module (vLLM starts in ~30-60 s on 2 cores). It runs with
 ``max_num_batched_tokens=64`` so every request with passages (region C = k * l_max =
-144 slots + prompt) is prefilled in chunks, and with prefix caching on.
+144 slots + prompt) is prefilled in chunks, with prefix caching on and a KV cache small
+enough that requests get preempted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.vllm
 
 MAX_NEW = 8
 BATCHED_TOKENS = 64
+# ~12 blocks of 128 tokens (1.5 KiB per token: 4 layers x K,V x 2 heads x 24 x fp32): eight
+# running requests of ~2 blocks each do not fit, so the batched test also runs through
+# preemption and recomputation.
+KV_CACHE_GIB = 12 * 128 * 1536 / 2**30
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,9 @@ def engine(ckpt):
         str(ckpt),
         max_num_seqs=8,
         max_num_batched_tokens=BATCHED_TOKENS,
-        kv_cache_gib=0.25,
+        kv_cache_gib=KV_CACHE_GIB,
         max_model_len=512,
+        disable_log_stats=False,  # per-request stats: preemptions are counted
     )
     yield eng
     eng.close()
@@ -117,6 +123,16 @@ def test_batched_greedy_equals_torch_engine(engine, reference, requests_):
     outs = [r.token_ids for r in engine.generate(same_prompt)]
     assert outs == _ref(reference, same_prompt)
     assert len({tuple(o) for o in outs}) > 1
+
+
+def test_preemption_keeps_outputs_exact(engine, reference, requests_):
+    """6 requests growing past 2 blocks each (region + prompt ~160 tokens, +110 new) do not
+    fit 12 blocks together: vLLM preempts some and recomputes them (passage flags too)."""
+    reqs = [GenerationRequest(r.prompt_ids, r.passages, Sampling(110)) for r in requests_ if r.passages][:6]
+    before = engine.preemptions
+    results = [r.token_ids for r in engine.generate(reqs)]
+    assert engine.preemptions > before
+    assert results == _ref(reference, reqs)
 
 
 def test_prefix_cache_hits_keep_outputs_exact(engine, reference, requests_):
