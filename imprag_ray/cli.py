@@ -231,11 +231,10 @@ def cmd_submit(args) -> int:
 
 
 def cmd_index_build(args) -> int:
-    from imprag_ray.pipelines.encode import build_index, connect_ray
+    from imprag_ray.pipelines.encode import build_index
 
     cfg = load_train_config(args.config, args.overrides)
-    connect_ray(args.address)
-    report = build_index(cfg, echo=lambda line: print(line, file=sys.stderr))
+    report = build_index(cfg, echo=lambda line: print(line, file=sys.stderr), address=args.address)
     print(json.dumps(report, indent=2))
     if args.json:
         from imprag_ray.data.io import write_json_atomic
@@ -246,11 +245,9 @@ def cmd_index_build(args) -> int:
 
 def cmd_batch(args) -> int:
     from imprag_ray.pipelines.batch import run_batch
-    from imprag_ray.pipelines.encode import connect_ray
 
     cfg = load_train_config(args.config, args.overrides)
-    connect_ray(args.address)
-    result = run_batch(cfg, echo=lambda line: print(line, file=sys.stderr))
+    result = run_batch(cfg, echo=lambda line: print(line, file=sys.stderr), address=args.address)
     print(json.dumps(result["metrics"], indent=2))
     if args.json:
         from imprag_ray.data.io import write_json_atomic

@@ -436,15 +436,22 @@ def write_predictions(rows: Iterator[dict], output: str) -> int:
     return n
 
 
-def run_batch(cfg, *, echo: Callable[[str], None] = print, metrics: bool = True) -> dict:
-    """Run batch inference of ``cfg.batch`` (Ray must be initialised). Writes the
-    predictions and (``metrics=True``, labelled inputs) the metrics JSON; returns
-    ``{"output", "count", "metrics"}``."""
+def run_batch(
+    cfg, *, echo: Callable[[str], None] = print, metrics: bool = True, address: str | None = None
+) -> dict:
+    """Run batch inference of ``cfg.batch``. Writes the predictions and (``metrics=True``,
+    labelled inputs) the metrics JSON; returns ``{"output", "count", "metrics"}``.
+
+    Settings and the index manifest are checked before Ray is touched; then the Ray this
+    process is connected to is used, else ``address`` / ``RAY_ADDRESS`` / a new local Ray."""
     import ray
+
+    from imprag_ray.pipelines.encode import connect_ray
 
     s = _settings(cfg)
     if cfg.batch.retriever == "imprag":
         _check_index(s)
+    connect_ray(address)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # output rows in input order

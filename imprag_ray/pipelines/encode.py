@@ -235,6 +235,22 @@ def _check_state(shard_dir: Path, state: dict) -> None:
     write_json_atomic(path, state)
 
 
+def _check_index_type(ic, checkpoint: str) -> None:
+    """Fail on a bad ``index.type`` before encoding, not after."""
+    import faiss
+
+    hf = json.loads((Path(checkpoint) / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dim = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    try:
+        faiss.index_factory(dim, ic.type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(
+            f"index.type {ic.type!r} is not a valid FAISS factory string for dim {dim} "
+            "(e.g. 'Flat', 'IVF1024,PQ64' with 64 dividing the dim, 'HNSW32')"
+        ) from err
+
+
 def _global_rows(done: dict[int, dict], shard_size: int) -> Iterator[int]:
     """Global row numbers of the rows still to encode: all rows but finished shards'."""
     g = 0
@@ -247,9 +263,12 @@ def _global_rows(done: dict[int, dict], shard_size: int) -> Iterator[int]:
         g += 1
 
 
-def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
+def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | None = None) -> dict:
     """Run the Ray Data pipeline; write missing embedding shards. Returns a report
-    (shards written / skipped, passages encoded, nodes per shard). Ray must be initialised."""
+    (shards written / skipped, passages encoded, nodes per shard).
+
+    Settings are checked before Ray is touched; then this process joins ``address`` (or
+    ``RAY_ADDRESS``, else a local Ray) unless it is already connected."""
     import ray
 
     from imprag_ray.model.checkpoint import checkpoint_hash
@@ -269,6 +288,7 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
         "shard_size": ic.shard_size,
         "corpus_fingerprint": fingerprint(paths["corpus"]),
     }
+    _check_index_type(ic, ckpt)
     shard_dir = Path(paths["shard_dir"])
     _check_state(shard_dir, state)
     done = finished_shards(shard_dir)
@@ -277,6 +297,7 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print) -> dict:
         skip.update(json.loads((shard_dir / f"{_shard_name(s)}.ids.json").read_text()))
     if done:
         echo(f"index: resuming, {len(done)} finished shard(s) in {shard_dir} are skipped")
+    connect_ray(address)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shard s = corpus rows [s*S, (s+1)*S)
@@ -479,12 +500,13 @@ def load_index(
     return merged
 
 
-def build_index(cfg, *, echo: Callable[[str], None] = print) -> dict:
+def build_index(cfg, *, echo: Callable[[str], None] = print, address: str | None = None) -> dict:
     """Encode the corpus with Ray Data (resuming finished shards) and build the FAISS index.
 
-    Ray must already be initialised (the CLI and the demo do it). Returns the report of
-    :func:`encode_shards` plus ``out_dir``.
+    Uses the Ray this process is connected to (the demo's), else joins ``address`` /
+    ``RAY_ADDRESS`` / a new local Ray. Returns the report of :func:`encode_shards` plus
+    ``out_dir``.
     """
-    report = encode_shards(cfg, echo=echo)
+    report = encode_shards(cfg, echo=echo, address=address)
     out_dir = build_faiss(cfg, report, echo=echo)
     return {**report, "out_dir": str(out_dir)}
