@@ -111,7 +111,45 @@ def httpx_get_health(serve_app) -> dict:
     return httpx.get(serve_app["url"] + "/healthz", timeout=30).json()
 
 
+async def _stream_until(url: str, stop: threading.Event, out: list) -> None:
+    """Two SSE completion streams at a time until ``stop``; records text and clean ending."""
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as c:
+
+        async def worker(j: int) -> None:
+            i = j
+            while not stop.is_set():
+                prompt = prompt_for(i % 4)
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True}
+                text, done, error = "", False, False
+                try:
+                    async with c.stream("POST", "/v1/completions", json=body) as resp:
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: "):
+                                continue
+                            if line == "data: [DONE]":
+                                done = True
+                                continue
+                            chunk = json.loads(line[6:])
+                            error = error or "error" in chunk
+                            if "choices" in chunk:
+                                text += chunk["choices"][0]["text"]
+                    ok = resp.status_code == 200 and done and not error
+                except Exception:
+                    ok = False
+                out.append((prompt, text, ok))
+                i += 2
+
+        await asyncio.gather(worker(0), worker(1))
+
+
 def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
+    """Non-streaming load plus SSE streams; SIGKILL one of the two generation replicas
+    mid-load: no request fails, no stream loses or repeats a token (a stream cut by the
+    death restarts on the other replica and skips what it already sent), Serve restores it."""
     pids = [r["pid"] for r in control_status()["replicas"]["generation"]]
     assert len(pids) == 2
     victim = pids[0]
@@ -124,17 +162,38 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
             os.kill(victim, signal.SIGKILL)  # the replica's process, mid-load
             killed_at.append(len(statuses))
 
-    summary = asyncio.run(
-        run_load(
-            serve_app["url"],
-            requests=80,
-            concurrency=8,
-            model=MODEL,
-            max_tokens=8,
-            api_key=API_KEY,
-            on_result=on_result,
+    streams: list[tuple[str, str, bool]] = []  # (prompt, streamed text, ended cleanly)
+    stop = threading.Event()
+    streamer = threading.Thread(target=lambda: asyncio.run(_stream_until(serve_app["url"], stop, streams)))
+    streamer.start()
+    try:
+        summary = asyncio.run(
+            run_load(
+                serve_app["url"],
+                requests=80,
+                concurrency=8,
+                model=MODEL,
+                max_tokens=8,
+                api_key=API_KEY,
+                on_result=on_result,
+            )
         )
-    )
+    finally:
+        stop.set()
+        streamer.join(timeout=180)
+    bad_streams = [s for s in streams if not s[2]]
+    print(f"\nfault: {len(streams)} streams during the load, {len(bad_streams)} did not end cleanly")
+    assert streams and not bad_streams, bad_streams[:2]
+    import httpx
+
+    with httpx.Client(
+        base_url=serve_app["url"], timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as c:
+        for prompt in sorted({s[0] for s in streams}):
+            full = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16}).json()
+            assert all(
+                t == full["choices"][0]["text"] for p, t, _ in streams if p == prompt
+            )  # no lost/doubled tokens
     failed = sum(1 for s in statuses if s != 200)
     print(
         f"\nfault: killed generation replica pid {victim} after {killed_at} responses; "
