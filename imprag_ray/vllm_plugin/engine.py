@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from imprag_ray.engine.base import (
     EngineError,
@@ -137,25 +137,27 @@ class VLLMEngine(GenerationEngine):
             "imprag_max_passage_tokens": self._l_max,
             "imprag_num_passages": self._k,
         }
-        extra: dict[str, Any] = dict(engine_args)
+        options: dict[str, Any] = {
+            "model": str(path),
+            "dtype": dtype,
+            "skip_tokenizer_init": True,  # requests are token ids; ids >= V encode the region
+            "hf_overrides": overrides,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "enable_chunked_prefill": True,
+            "enable_prefix_caching": enable_prefix_caching,
+            "kv_cache_memory_bytes": int(kv_cache_gib * GiB),
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            "worker_extension_cls": "imprag_ray.vllm_plugin.worker.ImpRAGWorkerExtension",
+            "disable_log_stats": True,  # engine_args may set False: then preemptions are counted
+        }
         if max_model_len is not None:
-            extra["max_model_len"] = max_model_len
-        args = AsyncEngineArgs(
-            model=str(path),
-            dtype=cast(Any, dtype),  # validated by vLLM
-            skip_tokenizer_init=True,  # requests are token ids; ids >= V encode the region
-            hf_overrides=overrides,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=True,
-            enable_prefix_caching=enable_prefix_caching,
-            kv_cache_memory_bytes=int(kv_cache_gib * GiB),
-            enforce_eager=enforce_eager,
-            seed=seed,
-            worker_extension_cls="imprag_ray.vllm_plugin.worker.ImpRAGWorkerExtension",
-            disable_log_stats=extra.pop("disable_log_stats", True),  # False: count preemptions
-            **extra,
-        )
+            options["max_model_len"] = max_model_len
+        try:
+            args = AsyncEngineArgs(**{**options, **engine_args})
+        except TypeError as e:  # an unknown engine option
+            raise EngineError(f"vLLM engine options: {e}; see vllm.AsyncEngineArgs for valid ones") from None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="imprag-vllm-loop", daemon=True)
         self._thread.start()
