@@ -131,6 +131,52 @@ def test_cross_worker_negatives_and_gradients_match_one_full_batch(tmp_path):
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-6)
 
 
+def _recipe_rank_main(rank: int, init_file: str, out_dir: str, job: str) -> None:
+    import itertools
+
+    import torch.distributed as dist
+
+    from imprag_ray.pipelines.train_collectives import DistributedModel, all_gather_rows
+    from imprag_ray.pipelines.train_worker import DistributedRecipe
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = load_config(TrainJobConfig, job, ["train.batch_size=4", f"output_dir={out_dir}/run"])
+    group = dist.new_group()
+    recipe = DistributedRecipe(
+        cfg, rank=rank, world_size=2, gather=lambda x: all_gather_rows(x, group), group=group
+    )
+    recipe.setup()
+    # rank 0 reads only retrieval examples, rank 1 none: rank 1 must still join the gather
+    wanted = [i for i, item in enumerate(recipe.items) if item.retrieval == (rank == 0)]
+    recipe.example_source = lambda epoch: wanted[:8]
+    inner = recipe.model
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        inner, forward_sync_buffers=False, find_unused_parameters=True
+    )
+    recipe.model = DistributedModel(ddp, inner)
+    # two steps: DDP's second forward is where a collective used to deadlock
+    metrics = [recipe.train_step(b) for b in itertools.islice(recipe.epoch_batches(0), 2)]
+    checksum = sum(float(p.double().sum()) for p in inner.parameters())
+    torch.save({"metrics": metrics, "checksum": checksum}, Path(out_dir) / f"recipe{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_worker_without_retrieval_rows_joins_the_gather(tiny_world, tmp_path):
+    """Real recipe on 2 gloo ranks, warmup stage: rank 1's batches have no retrieval
+    rows. Both ranks finish two steps (no deadlock) with identical weights."""
+    import torch.multiprocessing as mp
+
+    d = job_dict(tmp_path, tiny_world["world"], tiny_world["ckpt"])
+    for spec in d["data"]["train"]:
+        spec["limit"] = 40  # a short setup: teacher ranking of 40 QA items
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(d))
+    args = (str(tmp_path / "init"), str(tmp_path), str(tmp_path / "job.yaml"))
+    mp.start_processes(_recipe_rank_main, args=args, nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"recipe{r}.pt") for r in (0, 1))
+    assert all("j_ret" in m for m in r0["metrics"]) and not any("j_ret" in m for m in r1["metrics"])
+    assert r0["checksum"] == pytest.approx(r1["checksum"], rel=1e-9)  # DDP kept them in sync
+
+
 # ---------------------------------------------------------------- the config
 def _job(tiny_world, out: Path, ray: dict | None = None, **train) -> TrainJobConfig:
     d = job_dict(out, tiny_world["world"], tiny_world["ckpt"], **train)
