@@ -45,7 +45,7 @@ def test_bad_corpus_line_is_reported_with_file_and_line(tiny_world, tmp_path):
     lines = (tiny_world["world"] / "corpus.jsonl").read_text().splitlines()
     lines[4] = json.dumps({"id": "x", "title": "T"})
     corpus.write_text("\n".join(lines) + "\n")
-    res = imprag("train", "--config", str(tiny_world["job"]), f"data.corpus={corpus}",
+    res = imprag("train", "--no-ray", "--config", str(tiny_world["job"]), f"data.corpus={corpus}",
                  f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert "corpus.jsonl:5" in res.stderr and "'text'" in res.stderr
@@ -53,7 +53,8 @@ def test_bad_corpus_line_is_reported_with_file_and_line(tiny_world, tmp_path):
 
 def test_train_runs_and_eval_rescores_its_predictions(tiny_world, tmp_path):
     out = tmp_path / "run"
-    res = imprag("train", "--config", str(tiny_world["job"]), f"output_dir={out}",
+    # the one-process path (--no-ray); Ray Train runs are tested in tests/pipelines
+    res = imprag("train", "--no-ray", "--config", str(tiny_world["job"]), f"output_dir={out}",
                  "train.epochs=1", "train.warmup_epochs=1", "eval.limit=6", "--json", str(tmp_path / "f.json"))
     assert res.returncode == 0, res.stderr[-2000:]
     final = json.loads((tmp_path / "f.json").read_text())
