@@ -167,7 +167,7 @@ class PassageEncoder:
         for i, r in enumerate(rows):
             if len(r) == 0:
                 raise ValueError(f"passage {batch['id'][i]!r} has no tokens; give it a title or text")
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+            ids[i, : len(r)] = torch.from_numpy(np.array(r, dtype=np.int64))  # a writable copy
             mask[i, : len(r)] = 1
         with torch.no_grad():
             emb = self.model.embed_passages(ids.to(self.device), mask.to(self.device))  # [B, dim]

@@ -214,13 +214,54 @@ def test_bad_factory_string_names_index_type(built, tiny_world):
 
 
 @pytest.mark.multinode
-def test_encoder_actors_run_on_both_nodes(ray_two_nodes, tiny_world, tmp_path, reference):
-    cfg = _cfg(tiny_world, tmp_path, "index.encoders=2", "index.shard_size=50", "index.batch_size=16")
-    report = build_index(cfg, echo=lambda _: None)
+def test_encoder_actors_run_on_both_nodes(two_node_cluster, tiny_world, tmp_path, reference):
+    """``imprag index build --address`` from a fresh driver process on the real two-node
+    cluster: the two encoder actors land on both raylets (node id recorded per row)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**two_node_cluster.env, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "imprag_ray.cli",
+        "index",
+        "build",
+        "--config",
+        str(tiny_world["job"]),
+        "--address",
+        two_node_cluster.address,
+        "--json",
+        str(tmp_path / "report.json"),
+        f"index.out_dir={tmp_path / 'index'}",
+        "index.encoders=2",
+        "index.num_cpus=0.5",
+        "index.tokenize_num_cpus=0.25",
+        "index.shard_size=50",
+        "index.batch_size=16",
+    ]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
     nodes = {node for per_shard in report["nodes"].values() for node in per_shard}
-    assert nodes == set(ray_two_nodes.node_ids()), report["nodes"]
-    assert report["count"] == 300
+    probe = (
+        "import json, ray; ray.init(); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    )
+    listed = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "RAY_ADDRESS": two_node_cluster.address},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    cluster_nodes = set(json.loads(listed.stdout.strip().splitlines()[-1]))
+    assert len(cluster_nodes) == 2 and nodes == cluster_nodes, report["nodes"]
+    assert report["count"] == 300 and report["shards_written"] == list(range(6))
     index = load_index(report["out_dir"], checkpoint_hash=report["checkpoint_hash"])
     queries = reference["emb"][:10]
     exact = np.argsort(-queries @ reference["emb"].T, axis=1)[:, :3]
     assert index.search(queries, 3)[0] == [[reference["ids"][j] for j in row] for row in exact]
+    assert os.path.exists(tmp_path / "index" / "manifest.json")
