@@ -188,10 +188,11 @@ class RayTrainConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train storage (checkpoints, run state): local dir or URI (s3://, gs://, ...);
     # null = <output_dir>/ray_results
-    storage_path: str | None = None
+    storage_path: str | None = field(default=None, metadata={"path": "out"})
     run_name: str | None = None  # null = the job's name
     max_failures: int = 0  # automatic restarts from the latest checkpoint; -1 = unlimited
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp (per-layer sharding, 3B/8B): refused for now, see README
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 sharding of params/grads/optimizer (3B/8B), see README
+    fsdp_bf16: bool = False  # fsdp on GPU: bf16 params in forward/backward, fp32 gradient reduction
     num_to_keep: int | None = None  # checkpoints kept in storage (null = all)
 
     def validate(self) -> None:
@@ -227,14 +228,15 @@ class IndexConfig:
     (faiss IndexShards) for corpora that do not fit one device.
     """
 
-    out_dir: str | None = None  # null = <output_dir>/index
-    corpus: str | None = None  # null = data.corpus; a path, directory or pyarrow URI (s3://...)
-    checkpoint: str | None = None  # null = model.path
+    out_dir: str | None = field(default=None, metadata={"path": "out"})  # null = <output_dir>/index
+    # null = data.corpus; a path, directory or pyarrow URI (s3://...)
+    corpus: str | None = field(default=None, metadata={"path": "out"})
+    checkpoint: str | None = field(default=None, metadata={"path": "out"})  # null = model.path
     type: str = "Flat"  # FAISS factory string: Flat, IVF1024,PQ64, HNSW32, ...
     train_sample: int = 65536  # vectors used to train IVF/PQ
     num_shards: int = 1
     shard_size: int = 4096  # passages per embedding shard
-    shard_dir: str | None = None
+    shard_dir: str | None = field(default=None, metadata={"path": "out"})
     encoders: int = 1  # encoder actor pool size
     num_cpus: float = 1.0  # per encoder actor
     num_gpus: float = 0.0  # per encoder actor (> 0 runs it on the GPU)
@@ -269,10 +271,11 @@ class BatchConfig:
     """
 
     inputs: tuple[TaskFile, ...] = ()  # empty = data.eval
-    output: str | None = None  # .jsonl or .parquet; null = <output_dir>/batch/predictions.jsonl
-    metrics: str | None = None  # null = <output> with suffix .metrics.json
-    index_dir: str | None = None  # null = index.out_dir
-    checkpoint: str | None = None  # null = model.path
+    # .jsonl or .parquet; null = <output_dir>/batch/predictions.jsonl
+    output: str | None = field(default=None, metadata={"path": "out"})
+    metrics: str | None = field(default=None, metadata={"path": "out"})  # null = <output>.metrics.json
+    index_dir: str | None = field(default=None, metadata={"path": "out"})  # null = index.out_dir
+    checkpoint: str | None = field(default=None, metadata={"path": "out"})  # null = model.path
     retriever: Literal["imprag", "bm25", "none"] = "imprag"
     engine: Literal["torch", "vllm"] = "torch"
     engine_options: dict[str, Any] = field(default_factory=dict)  # passed to build_engine
@@ -309,7 +312,7 @@ class TrainJobConfig:
     """``imprag train``: model + data + teacher + schedule + evaluation."""
 
     name: str
-    output_dir: str
+    output_dir: str = field(metadata={"path": "out"})
     model: ModelConfig
     data: DataConfig
     teacher: TeacherConfig = TeacherConfig()

@@ -50,16 +50,11 @@ def check_ray_config(cfg: TrainJobConfig) -> None:
             f"the global batch ({tc.batch_size}) must divide evenly over ray.num_workers "
             f"({rc.num_workers}); use a multiple of {rc.num_workers}",
         )
-    if rc.strategy == "fsdp":
-        # Probed with torch FSDP on CPU/gloo (2 processes, tiny model): with one unit per
-        # decoder layer the forward fails (ImpRAGModel runs a layer's projections and norms
-        # directly, not through the layer's forward, so the unit never unshards); with one
-        # root unit forward+backward run, but embed_passages, which the recipe calls outside
-        # forward, sees flat sharded weights. Ray's prepare_model also wraps FSDP only on CUDA.
+    if rc.fsdp_bf16 and not (rc.strategy == "fsdp" and rc.use_gpu):
         raise ConfigError(
-            "ray.strategy",
-            "fsdp is not supported yet: ImpRAGModel calls decoder-layer submodules and "
-            "embed_passages outside the wrapped forward, which FSDP sharding breaks; use strategy: ddp",
+            "ray.fsdp_bf16",
+            "bf16 FSDP mixed precision needs ray.strategy: fsdp and ray.use_gpu: true; "
+            "remove it (CPU training runs fp32)",
         )
 
 

@@ -49,6 +49,129 @@ class DistributedRecipe(ImpRAGRecipe):
         self.group = group
         self.device = device or torch.device("cpu")
         self.timed_tokens, self.timed_seconds = 0, 0.0  # this epoch's train steps only
+        self.fsdp = False  # set by shard()
+
+    # ------------------------------------------------------------------ FSDP
+    def shard(self, bf16: bool = False) -> None:
+        """FSDP2-shard the model (see :mod:`imprag_ray.pipelines.fsdp`) and rebuild the
+        optimizer and scheduler over the sharded parameters, keeping their state (a
+        resumed run's full optimizer state is sharded like the parameters)."""
+        from imprag_ray.pipelines.fsdp import load_full_optimizer_state, shard_model
+
+        full_opt, sched = self.optimizer.state_dict(), self.scheduler.state_dict()
+        shard_model(self.model, self.device, bf16=bf16)
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        load_full_optimizer_state(self.optimizer, full_opt)
+        self.scheduler.load_state_dict(sched)
+        self.fsdp = True
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """All ranks: gather the full weights; rank 0 runs the body on an unsharded copy
+        (self.model is swapped for it there), the others just wait for it."""
+        from imprag_ray.pipelines.fsdp import full_state, plain_copy
+
+        state = full_state(self.model)
+        sharded = self.model
+        if self.rank == 0:
+            self.model = plain_copy(sharded, state, self.device)
+        del state
+        try:
+            yield
+        finally:
+            self.model = sharded
+
+    def save_checkpoint(self, out_dir=None):
+        """DDP/local: rank 0 only. FSDP: all ranks (gathers), rank 0 writes the same
+        files as DDP (HF weights, plain optimizer state); others return None."""
+        if not self.fsdp:
+            return super().save_checkpoint(out_dir)
+        from types import SimpleNamespace
+
+        from imprag_ray.pipelines.fsdp import full_optimizer_state
+
+        opt = full_optimizer_state(self.optimizer)
+        with self.gathered():
+            if self.rank != 0:
+                return None
+            optimizer = self.optimizer
+            self.optimizer = SimpleNamespace(state_dict=lambda: opt)
+            try:
+                return super().save_checkpoint(out_dir)
+            finally:
+                self.optimizer = optimizer
+
+    def _any(self, *flags: bool) -> list[bool]:
+        """For each flag: is it set on any rank (one all-reduce)."""
+        t = torch.tensor([int(f) for f in flags], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in t.tolist()]
+
+    def _fsdp_train_step(self, batch: Batch) -> dict[str, float]:
+        """The recipe's step, with every rank making the same module calls (FSDP's
+        collectives run per call): a pad row that reads one passage token (labels
+        ignored, so J is unchanged), and zero-weight stand-ins for the retrieval loss on a
+        rank whose batch has no retrieval rows while another's has."""
+        tc = self.cfg.train
+        mine = bool(batch.retrieval.any()) and not self.closed_book
+        anyone, passages = self._any(mine, batch.passage_ids is not None)
+        if passages:
+            batch = _with_pad_row(batch, self.tokenizer.pad_token_id or 0, self.model.k)
+        self.model.train()
+        out = self.model(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.passage_ids,
+            batch.passage_mask,
+            labels=batch.labels,
+            query_index=batch.query_index,
+        )
+        j_gen = out.loss
+        metrics = {"j_gen": j_gen.item()}
+        loss = j_gen
+        if mine:
+            j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch)
+            loss = loss + tc.lambda_ret * j_ret
+            metrics.update(ret_metrics)
+        elif anyone:
+            # The same retrieval loss, graph and collectives as the busy ranks (FSDP's
+            # backward collectives follow the autograd order), on the pad row, weight 0.
+            # The dummy passage stays local: the gather sends no rows (as under DDP).
+            idle, gather = _idle_retrieval_batch(batch), self.gather
+            self.gather = lambda x: (torch.cat([x, gather(x[:0])[0]]), 0)
+            try:
+                j_ret, _ = self.retrieval_loss(out.query_embedding[idle.retrieval], idle)
+            finally:
+                self.gather = gather
+            loss = loss + 0.0 * j_ret
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics.update(loss=loss.item(), lr=self.scheduler.get_last_lr()[0])
+        return metrics
+
+    def teacher_logliks(self, batch: Batch) -> Tensor:
+        out = super().teacher_logliks(batch)
+        if self.fsdp and self.world_size > 1:
+            self._pad_teacher_calls(-(-int((batch.candidates >= 0).sum()) // 64))
+        return out
+
+    @torch.no_grad()
+    def _pad_teacher_calls(self, mine: int) -> None:
+        """Run dummy teacher forwards until this rank made as many as the busiest rank."""
+        t = torch.tensor([mine], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        for _ in range(int(t.item()) - mine):
+            self.model(ids, torch.ones_like(ids), ids.view(1, 1, 1), torch.ones_like(ids).view(1, 1, 1))
+        self.model.train(was_training)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         for batch in super().epoch_batches(epoch):
@@ -62,6 +185,8 @@ class DistributedRecipe(ImpRAGRecipe):
         return metrics
 
     def _train_step(self, batch: Batch) -> dict[str, float]:
+        if self.fsdp:
+            return self._fsdp_train_step(batch)
         if self.world_size > 1 and batch.stage == "warmup" and not self.closed_book:
             mine = bool(batch.retrieval.any())
             anyone = torch.tensor([int(mine)], device=self.device)
@@ -70,18 +195,75 @@ class DistributedRecipe(ImpRAGRecipe):
                 # Contribute zero rows; forward and backward of the gather still run here.
                 nothing = torch.zeros(0, self.model.embedding_dim, device=self.device, requires_grad=True)
                 rows, _ = self.gather(nothing)
-                rows.sum().backward()
+                # Zero gradient for every rank's rows: the gather's backward sums what each
+                # rank puts on them (rows.sum() here used to add 1 to the other ranks' rows).
+                (0.0 * rows.sum()).backward()
         return super().train_step(batch)
 
     @contextlib.contextmanager
     def unwrapped(self):
-        """The plain model for rank-local work (evaluation): no DDP, no collectives."""
+        """The plain model for rank-local work (evaluation): no DDP, no collectives.
+        Under FSDP all ranks must enter (the weights are gathered; rank 0 gets them)."""
+        if self.fsdp:
+            with self.gathered():
+                yield
+            return
         model = self.model
         self.model = getattr(model, "module", model) if isinstance(model, DistributedModel) else model
         try:
             yield
         finally:
             self.model = model
+
+
+def _with_pad_row(batch: Batch, pad_id: int, k: int) -> Batch:
+    """``batch`` plus one row that reads a one-token passage and has no labels: it makes
+    every rank run the passage layers whatever its batch holds, and adds nothing to J
+    (its labels are all -100, it trains no retrieval). A batch without passage tensors
+    gets k empty passage slots per row (its prompts then sit at positions k * l_max + i,
+    as in any batch with passages: RoPE attention depends only on relative positions)."""
+
+    def row(t: Tensor, fill) -> Tensor:
+        return torch.cat([t, torch.full_like(t[:1], fill)])
+
+    ids = row(batch.input_ids, pad_id)
+    mask = row(batch.attention_mask, 0)
+    mask[-1, 0] = 1
+    p_ids, p_mask = batch.passage_ids, batch.passage_mask
+    if p_ids is None:
+        p_ids = torch.full((ids.shape[0] - 1, k, 1), pad_id, dtype=ids.dtype, device=ids.device)
+        p_mask = torch.zeros_like(p_ids)
+    p_mask = row(p_mask, 0)
+    p_mask[-1, 0, 0] = 1
+    return replace(
+        batch,
+        input_ids=ids,
+        attention_mask=mask,
+        labels=row(batch.labels, -100),
+        query_index=row(batch.query_index, 0),
+        retrieval=row(batch.retrieval, False),
+        passage_ids=row(p_ids, pad_id),
+        passage_mask=p_mask,
+    )
+
+
+def _idle_retrieval_batch(batch: Batch) -> Batch:
+    """A padded ``batch`` whose pad row (the last) is its one retrieval row, with one
+    one-token pool passage as its positive and candidate."""
+    tokens = batch.input_ids[-1:, :1].clone()  # [1, 1]: the pad token
+    retrieval = torch.zeros_like(batch.retrieval)
+    retrieval[-1] = True
+    one = torch.ones(1, 1, dtype=torch.bool, device=tokens.device)
+    return replace(
+        batch,
+        retrieval=retrieval,
+        pool_ids=["<pad>"],
+        pool_tokens=tokens,
+        pool_mask=torch.ones_like(tokens),
+        positive=one,
+        negative=~one,
+        candidates=torch.zeros(1, 1, dtype=torch.long, device=tokens.device),
+    )
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -231,21 +413,19 @@ def _wrap_model(recipe: DistributedRecipe, cfg: TrainJobConfig, world: int) -> N
 
     model = recipe.model
     if cfg.ray.strategy == "fsdp":
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        layer_cls = type(model.layers[0])  # one FSDP unit per decoder layer
-        kwargs = {"auto_wrap_policy": ModuleWrapPolicy({layer_cls}), "use_orig_params": True}
-        wrapped = ray.train.torch.prepare_model(
-            model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs
-        )
-    else:
-        # No collective may run inside DDP's forward: workers call the model a different
-        # number of times (teacher scoring, rank-0 eval) and a worker with no retrieval rows
-        # joins the in-batch gather before its forward. So no buffer broadcast, and
-        # find_unused_parameters=True, which also skips the one-off bucket rebuild (a
-        # broadcast in the second forward).
-        kwargs = {"forward_sync_buffers": False, "find_unused_parameters": True}
-        wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+        # Our own FSDP2 wrap (prepare_model wraps FSDP only on CUDA), CPU/gloo and GPU/NCCL.
+        if world > 1:
+            recipe.shard(bf16=cfg.ray.use_gpu and cfg.ray.fsdp_bf16)
+        else:
+            model.to(recipe.device)
+        return
+    # No collective may run inside DDP's forward: workers call the model a different
+    # number of times (teacher scoring, rank-0 eval) and a worker with no retrieval rows
+    # joins the in-batch gather before its forward. So no buffer broadcast, and
+    # find_unused_parameters=True, which also skips the one-off bucket rebuild (a
+    # broadcast in the second forward).
+    kwargs = {"forward_sync_buffers": False, "find_unused_parameters": True}
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
     if wrapped is not model:
         recipe.model = DistributedModel(wrapped, model)  # type: ignore[assignment]
 
@@ -254,19 +434,23 @@ def _run_epochs(recipe, cfg: TrainJobConfig, rank: int, world: int, device, log)
     import ray.train
 
     tc = cfg.train
+    # Under FSDP all ranks join evaluation and saving (the weights are gathered; rank 0
+    # evaluates/writes); under DDP rank 0 does them alone.
+    joins = rank == 0 or recipe.fsdp
     eval_fn = None
-    if rank == 0 and tc.eval_every and cfg.data.dev:
+    if joins and tc.eval_every and cfg.data.dev:
 
         def eval_fn():
             with recipe.unwrapped():
-                log(
-                    {
-                        "event": "dev",
-                        "epoch": recipe.epoch,
-                        "step": recipe.step,
-                        "metrics": recipe.evaluate("dev"),
-                    }
-                )
+                if log:
+                    log(
+                        {
+                            "event": "dev",
+                            "epoch": recipe.epoch,
+                            "step": recipe.step,
+                            "metrics": recipe.evaluate("dev"),
+                        }
+                    )
 
     while recipe.epoch < tc.epochs:
         stage = recipe.stage(recipe.epoch)
@@ -282,22 +466,24 @@ def _run_epochs(recipe, cfg: TrainJobConfig, rank: int, world: int, device, log)
         due = recipe.epoch % tc.save_every_epochs == 0 or recipe.epoch == tc.epochs
         name = f"epoch-{recipe.epoch:03d}" if due else None
         checkpoint = None
-        if rank == 0 and due:
-            checkpoint = ray.train.Checkpoint.from_directory(
-                recipe.save_checkpoint(Path(cfg.output_dir) / "checkpoints" / str(name))
-            )
-        if rank == 0 and cfg.data.dev:
+        if joins and due:
+            saved = recipe.save_checkpoint(Path(cfg.output_dir) / "checkpoints" / str(name))
+            if rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(saved)
+        if joins and cfg.data.dev:
             with recipe.unwrapped():
-                row["dev"] = recipe.evaluate("dev")
+                if rank == 0:
+                    row["dev"] = recipe.evaluate("dev")
         if log:
             log({"event": "epoch", **row})
         ray.train.report(
             row, checkpoint=checkpoint, checkpoint_dir_name=name, delete_local_checkpoint_after_upload=False
         )
     final: dict = {}
-    if rank == 0 and cfg.data.eval:
+    if joins and cfg.data.eval:
         with recipe.unwrapped():
-            final = recipe.evaluate("eval")
+            if rank == 0:
+                final = recipe.evaluate("eval")
     if log:
         log({"event": "eval", "epoch": recipe.epoch, "step": recipe.step, "metrics": final})
     ray.train.report({"epoch": recipe.epoch, "step": recipe.step, "eval": final})
