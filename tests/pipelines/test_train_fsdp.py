@@ -171,3 +171,34 @@ def test_fsdp_bf16_needs_gpu(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match=r"ray\.fsdp_bf16"):
         check_ray_config(cfg)
     check_ray_config(load_config(TrainJobConfig, tmp_path / "job.yaml", ["ray.fsdp_bf16=false"]))
+
+
+def test_ray_train_run_with_fsdp(ray_local, tiny_world, tmp_path):
+    """``ray.strategy: fsdp`` through Ray Train: 2 workers (gloo), a warmup and a
+    distillation epoch, dev evaluation in each, checkpoints that load, final eval."""
+    import json
+
+    from imprag_ray.model.imprag import ImpRAGModel
+    from imprag_ray.pipelines.train import read_metrics, train_ray
+
+    d = job_dict(tmp_path, tiny_world["world"], tiny_world["ckpt"], steps_per_epoch=2, epochs=2)
+    for spec in d["data"]["train"]:
+        spec["limit"] = 40
+    d["output_dir"] = str(tmp_path / "out")
+    d["data"]["dev"] = [{**d["data"]["dev"][0], "limit": 4}]
+    d["data"]["eval"] = d["data"]["eval"][:1]
+    d["eval"]["limit"] = 4
+    d["ray"] = {"num_workers": 2, "strategy": "fsdp"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(d))
+    run = train_ray(load_config(TrainJobConfig, tmp_path / "job.yaml"), echo=None)
+    epochs = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r.get("event") == "epoch"]
+    assert [r["step"] for r in epochs] == [2, 4] and all("qa" in r["dev"] for r in epochs)
+    assert set(run.eval) == {"qa"} and run.checkpoint.endswith("epoch-002")
+    model = ImpRAGModel.from_pretrained(Path(run.run_dir) / "epoch-002")
+    assert model.num_layers == 4
+    state = torch.load(Path(run.run_dir) / "epoch-002" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["optimizer"]["state"]) == len(list(model.parameters()))
+    assert (
+        json.loads((Path(run.run_dir) / "epoch-002" / "job_config.json").read_text())["ray"]["strategy"]
+        == "fsdp"
+    )
