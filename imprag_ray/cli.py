@@ -161,12 +161,13 @@ def cmd_model_init(args) -> int:
 
 def load_train_config(path: Path, overrides: list[str]):
     """Load + validate a training job YAML and check that its input paths exist."""
-    from imprag_ray.config.loader import check_paths, load_config
+    from imprag_ray.config.loader import absolute_paths, check_paths, load_config
     from imprag_ray.config.schema import TrainJobConfig
 
     cfg = load_config(TrainJobConfig, path, overrides)
     check_paths(cfg, Path.cwd())
-    return cfg
+    # Ray workers and actors do not run in this directory: ship absolute paths.
+    return absolute_paths(cfg, Path.cwd())
 
 
 def cmd_train(args) -> int:

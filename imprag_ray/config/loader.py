@@ -55,7 +55,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-PATH_KINDS = ("file", "dir", "any")
+PATH_KINDS = ("file", "dir", "any", "out")  # "out": a path that need not exist yet (outputs)
 
 
 class ConfigError(ValueError):
@@ -423,8 +423,33 @@ def _leaves(value: Any, key: str) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
+def absolute_paths(cfg: Any, base_dir: str | Path) -> Any:
+    """A copy of ``cfg`` with every relative path field made absolute against ``base_dir``
+    (``~`` expanded; None and URIs kept). Jobs are written with paths relative to where the
+    command runs; Ray workers run elsewhere, so the driver resolves them before shipping."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path") is not None:
+            value = _absolute(value, Path(base_dir))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = absolute_paths(value, base_dir)
+        elif isinstance(value, tuple) and any(dataclasses.is_dataclass(v) for v in value):
+            value = tuple(absolute_paths(v, base_dir) if dataclasses.is_dataclass(v) else v for v in value)
+        changes[f.name] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def _absolute(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_absolute(v, base_dir) for v in value)
+    if not isinstance(value, str) or "://" in value:
+        return value
+    return str((base_dir / Path(value).expanduser()).resolve())
+
+
 def _check_one(value: Any, kind: str, base_dir: Path, key: str) -> None:
-    if value is None or (isinstance(value, str) and "://" in value):
+    if value is None or kind == "out" or (isinstance(value, str) and "://" in value):
         return
     resolved = (base_dir / Path(value).expanduser()).resolve()
     test = {"file": resolved.is_file, "dir": resolved.is_dir, "any": resolved.exists}[kind]

@@ -311,7 +311,11 @@ def build_dataset(cfg, s: dict):
     """The lazy Ray Dataset of prediction rows (id, prediction, retrieved, scores)."""
     bc = cfg.batch
     inputs = [spec if not bc.limit else _limited(spec, bc.limit) for spec in s["inputs"]]
-    ds = _read_inputs(inputs, s, parse_cpus=min(bc.num_cpus, 0.25) or 0.25)
+    parse_cpus = min(bc.num_cpus, 0.25) or 0.25
+    pools = bc.generators + (bc.encoders if bc.retriever == "imprag" else 0)
+    pools += bc.searchers if bc.retriever != "none" else 0
+    warn_if_starved("batch.num_cpus", pools * bc.num_cpus, parse_cpus)
+    ds = _read_inputs(inputs, s, parse_cpus=parse_cpus)
     actor = {"batch_format": "numpy", "batch_size": bc.batch_size, "num_cpus": bc.num_cpus}
     if bc.retriever == "imprag":
         ds = ds.map_batches(
@@ -358,6 +362,25 @@ def build_dataset(cfg, s: dict):
             "threads": bc.threads,
         },
     )
+
+
+def warn_if_starved(key: str, actor_cpus: float, task_cpus: float, echo=None) -> bool:
+    """Warn when the actor pools take so many of the cluster's CPUs that the read /
+    tokenize tasks feeding them cannot be scheduled (the pipeline would wait forever on a
+    fixed-size cluster; an autoscaling one adds nodes instead). Returns True if starved."""
+    import logging
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if actor_cpus + task_cpus <= total + 1e-9:
+        return False
+    msg = (
+        f"{key}: the actor pools reserve {actor_cpus:g} CPUs and the read tasks need {task_cpus:g}, "
+        f"but the cluster has {total:g} now; unless it autoscales, lower {key} or the pool sizes"
+    )
+    (echo or logging.getLogger(__name__).warning)(msg)
+    return True
 
 
 def _pool(size: int):

@@ -305,6 +305,9 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | No
     # A loaded machine sometimes loses a pending actor; replace it instead of failing.
     ctx.max_consecutive_actor_init_deaths = max(old_deaths, 3)
     try:
+        from imprag_ray.pipelines.batch import warn_if_starved
+
+        warn_if_starved("index.num_cpus", ic.encoders * ic.num_cpus, ic.tokenize_num_cpus, echo)
         ds = read_corpus_dataset(paths["corpus"], ic.tokenize_num_cpus)
         ds = ds.map_batches(
             tokenize_batch,

@@ -349,3 +349,23 @@ def test_check_paths(tmp_path: Path) -> None:
 def test_check_paths_skips_none_and_uris(tmp_path: Path) -> None:
     cfg = from_dict(Job, {"model": {"n_layers": 6}, "train": {"corpus": "s3://bucket/corpus.jsonl"}})
     check_paths(cfg, tmp_path)  # checkpoint None, corpus remote: nothing to check
+
+
+def test_absolute_paths_resolves_every_path_field_but_uris(tmp_path):
+    """Ray workers run in other directories: the driver ships absolute paths."""
+    from imprag_ray.config.loader import absolute_paths, load_config
+    from imprag_ray.config.schema import TrainJobConfig
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: t\noutput_dir: out\nmodel: {path: ckpt}\n"
+        "data: {corpus: c.jsonl, train: [{path: t.jsonl, format: qa}]}\n"
+        "ray: {storage_path: 's3://bucket/runs'}\nbatch: {output: preds/p.jsonl}\n"
+    )
+    cfg = absolute_paths(load_config(TrainJobConfig, job), tmp_path)
+    base = str(tmp_path.resolve())
+    assert cfg.output_dir == f"{base}/out" and cfg.model.path == f"{base}/ckpt"
+    assert cfg.data.corpus == f"{base}/c.jsonl" and cfg.data.train[0].path == f"{base}/t.jsonl"
+    assert cfg.batch.output == f"{base}/preds/p.jsonl"
+    assert cfg.ray.storage_path == "s3://bucket/runs"  # URIs untouched
+    assert cfg.index.out_dir is None  # unset stays unset
