@@ -7,7 +7,9 @@ on its rank, and adds only what distribution needs (arXiv 2506.02279 §3.2, DESI
 * the warmup NCE sees every worker's in-batch passages through a differentiable
   all-gather, so each worker's gradient includes the terms other workers' queries put
   on its passages (see :func:`all_gather_rows`);
-* DDP (``ray.train.torch.prepare_model``) averages the gradients;
+* DDP (``ray.train.torch.prepare_model``) averages the gradients, or with
+  ``ray.strategy: fsdp`` FSDP2 shards the model (:mod:`imprag_ray.pipelines.fsdp`, wrapped
+  here; all ranks make the same module calls, and join evaluation and saving);
 * rank 0 saves checkpoints (HF + optimizer/scheduler state, atomically) and reports them
   as ``ray.train.Checkpoint``; a restarted worker group resumes from the latest one.
 """
