@@ -123,7 +123,8 @@ def run_system(name: str, job: str, retriever: str, overrides: list[str], echo=p
     _fresh(cfg.output_dir)
     t0 = time.time()
     echo(f"[demo] {name}: training on Ray Train with {cfg.ray.num_workers} workers ({job})")
-    run = train_ray(cfg, echo=echo)
+    # held-out eval runs once, in the batch step below (not again at the end of training)
+    run = train_ray(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=())), echo=echo)
     out: dict = {
         "job": job,
         "checkpoint": run.checkpoint,
@@ -148,6 +149,7 @@ def run_system(name: str, job: str, retriever: str, overrides: list[str], echo=p
             checkpoint=run.checkpoint,
             retriever=retriever,
             index_dir=index_dir,
+            inputs=cfg.batch.inputs or cfg.data.eval,
             output=str(Path(cfg.output_dir) / "batch" / "predictions.jsonl"),
         ),
     )
