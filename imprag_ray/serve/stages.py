@@ -48,6 +48,27 @@ def _set_batching(method: Any, batching: BatchingSection) -> None:
     method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
 
+def per_version(requests: list[dict], run, what: str) -> list[dict]:
+    """Run a replica batch version by version (hot swap: a batch may mix versions).
+
+    ``run(version, requests_of_that_version)`` returns one dict per request; an error is
+    returned per request of that version, so the batch's other requests still succeed.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r["version"]["hash"], []).append(i)
+    out: list[dict] = [{} for _ in requests]
+    for members in groups.values():
+        version = Version.from_dict(requests[members[0]]["version"])
+        try:
+            results = run(version, [requests[i] for i in members])
+        except Exception as err:  # returned per request, the batch's others live
+            results = [{"error": f"{what} failed: {err}"} for _ in members]
+        for i, res in zip(members, results, strict=True):
+            out[i] = res
+    return out
+
+
 @dataclass
 class RetrievalState:
     model: Any  # ImpRAGModel with layers 0..b only
@@ -101,20 +122,9 @@ class RetrievalStage:
         return await asyncio.to_thread(self._retrieve, requests)
 
     def _retrieve(self, requests: list[dict]) -> list[dict]:
-        out: list[dict | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r["version"]["hash"], []).append(i)
-        for members in groups.values():
-            version = Version.from_dict(requests[members[0]]["version"])
-            try:
-                state = self.cache.get(version)
-                results = self._search(state, [requests[i] for i in members])
-            except Exception as err:  # returned per request, the batch's others live
-                results = [{"error": f"retrieval failed: {err}"} for _ in members]
-            for i, res in zip(members, results, strict=True):
-                out[i] = res
-        return [r for r in out if r is not None]
+        return per_version(
+            requests, lambda version, reqs: self._search(self.cache.get(version), reqs), "retrieval"
+        )
 
     def _search(self, state: RetrievalState, requests: list[dict]) -> list[dict]:
         import torch
@@ -198,27 +208,14 @@ class GenerationStage:
         return await asyncio.to_thread(self._generate, requests)
 
     def _generate(self, requests: list[dict]) -> list[dict]:
-        out: list[dict | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r["version"]["hash"], []).append(i)
-        for members in groups.values():
-            version = Version.from_dict(requests[members[0]]["version"])
-            try:
-                engine = self.cache.get(version)
-                results = [
-                    {
-                        "hash": engine.checkpoint_hash,
-                        "token_ids": g.token_ids,
-                        "finish_reason": g.finish_reason,
-                    }
-                    for g in engine.generate([self._request(requests[i]) for i in members])
-                ]
-            except Exception as err:  # returned per request
-                results = [{"error": f"generation failed: {err}"} for _ in members]
-            for i, res in zip(members, results, strict=True):
-                out[i] = res
-        return [r for r in out if r is not None]
+        def run(version: Version, reqs: list[dict]) -> list[dict]:
+            engine = self.cache.get(version)
+            return [
+                {"hash": engine.checkpoint_hash, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
+                for g in engine.generate([self._request(r) for r in reqs])
+            ]
+
+        return per_version(requests, run, "generation")
 
     async def stream(self, request: dict):
         """Yields {"hash", "token_ids"} chunks as tokens are decoded."""
