@@ -148,14 +148,7 @@ class DistributedRecipe(ImpRAGRecipe):
             finally:
                 self.gather = gather
             loss = loss + 0.0 * j_ret
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        metrics.update(loss=loss.item(), lr=self.scheduler.get_last_lr()[0])
-        return metrics
+        return self.apply_gradients(loss, metrics)
 
     def teacher_logliks(self, batch: Batch) -> Tensor:
         out = super().teacher_logliks(batch)

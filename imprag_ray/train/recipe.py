@@ -227,9 +227,14 @@ class ImpRAGRecipe:
             j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch)
             loss = loss + tc.lambda_ret * j_ret
             metrics.update(ret_metrics)
+        return self.apply_gradients(loss, metrics)
+
+    def apply_gradients(self, loss: Tensor, metrics: dict[str, float]) -> dict[str, float]:
+        """Backward, clip, optimiser + scheduler step; adds grad_norm, loss and lr to ``metrics``."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        clip = self.cfg.train.grad_clip
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
