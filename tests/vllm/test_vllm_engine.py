@@ -8,6 +8,7 @@ enough that requests get preempted.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -238,4 +239,11 @@ def test_reload_serves_exactly_the_new_checkpoint(engine, ckpt, requests_, tmp_p
     (bad / "imprag_config.json").write_text(cfg)
     with pytest.raises(EngineError, match="num_passages"):
         engine.reload(str(bad))
+    tied = tmp_path / "tied"
+    shutil.copytree(new_dir, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(EngineError, match="tied embeddings"):
+        engine.reload(str(tied))
+    assert engine.checkpoint_hash == new_hash
     assert engine.checkpoint_hash == new_hash
