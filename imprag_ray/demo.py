@@ -1,8 +1,6 @@
 """``imprag demo``: the end-to-end run on an embedded local Ray, no arguments needed.
 
-1. synthesise the world (``runs/demo/world``) and check that the shipped tiny base model
-   (``checkpoints/tiny-reader``: a random tiny Llama given reader pretraining on people who
-   are not in the world, ``imprag model pretrain-reader``) was made for this world;
+1. synthesise the world and initialise the tiny model (``runs/demo/world``, ``runs/demo/init``);
 2. train three systems with Ray Train (2 workers each), same model size and step budget:
    closed book (``jobs/tiny_synth_closed_book.yaml``), an explicit-query RAG baseline whose
    reader is trained on BM25 passages (``jobs/tiny_synth_bm25_rag.yaml``) and ImpRAG
@@ -25,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/demo")
 WORLD = OUT / "world"
-BASE = ROOT / "checkpoints" / "tiny-reader"
+INIT = OUT / "init"
 # (row name, job file, retriever used at inference)
 SYSTEMS = (
     ("closed-book", "jobs/tiny_synth_closed_book.yaml", "none"),
@@ -91,31 +89,19 @@ def _world_files(systems) -> list[Path]:
 
 
 def prepare(echo=print, systems=SYSTEMS) -> None:
-    """The world (skipped when already there) + the check that the base belongs to it."""
+    """World + random tiny checkpoint (skipped when already there)."""
     from imprag_ray.data.synth import synthesize
+    from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
+    from imprag_ray.model.presets import tiny
 
     if not (WORLD / "world.json").exists() or not all(f.exists() for f in _world_files(systems)):
+        shutil.rmtree(INIT, ignore_errors=True)  # its tokenizer belongs to the old world
         echo(f"[demo] synthesising the world into {WORLD}")
         synthesize(WORLD, seed=0, n_passages=5000, overwrite=WORLD.exists())
-    check_base(BASE, WORLD)
-
-
-def check_base(base: Path, world: Path) -> dict:
-    """The base's tokenizer was trained on one world's text: refuse another world."""
-    from imprag_ray.index.store import corpus_fingerprint
-
-    report_file = base / "reader_pretrain.json"
-    if not report_file.is_file():
-        raise FileNotFoundError(f"{report_file} is missing; the demo's base model belongs in {base} "
-                                "(see checkpoints/README.md for the command that makes it)")
-    report = json.loads(report_file.read_text())
-    want = report["world"]["corpus_fingerprint"]
-    have = corpus_fingerprint(world / "corpus.jsonl")
-    if have != want:
-        raise ValueError(f"{world / 'corpus.jsonl'} (sha256 {have[:12]}) is not the world the base in {base} "
-                         f"was made for (sha256 {want[:12]}, seed {report['world']['seed']}, "
-                         f"{report['world']['n_passages']} passages); remove {world} to resynthesise it")
-    return report
+    if not (INIT / "model.safetensors").exists():
+        echo(f"[demo] initialising the tiny model into {INIT}")
+        tasks = [WORLD / "train/qa.jsonl", WORLD / "train/instruction.jsonl"]
+        init_checkpoint(tiny(), tokenizer_texts(WORLD / "corpus.jsonl", tasks), INIT, seed=0)
 
 
 def _fresh(path: str) -> None:

@@ -28,7 +28,7 @@ def test_data_synth_then_model_init(tmp_path):
                  "--out", str(tmp_path / "ckpt"))
     assert res.returncode == 0, res.stderr
     cfg = json.loads((tmp_path / "ckpt/imprag_config.json").read_text())
-    assert (cfg["retrieval_layer"], cfg["reader_last_layer"]) == (2, 4)
+    assert (cfg["retrieval_layer"], cfg["reader_last_layer"]) == (1, 4)
     assert (tmp_path / "ckpt/tokenizer.json").exists()
 
 
