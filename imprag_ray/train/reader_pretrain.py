@@ -40,6 +40,7 @@ from imprag_ray.data.io import atomic_dir
 from imprag_ray.data.records import Passage, TaskExample
 from imprag_ray.data.synth import build_world, reading_people
 from imprag_ray.data.tokenized import PassageStore
+from imprag_ray.index.store import corpus_fingerprint
 from imprag_ray.model.checkpoint import load_tokenizer
 from imprag_ray.model.imprag import ImpRAGModel
 from imprag_ray.train.batching import Item, collate, make_reading_item
@@ -197,8 +198,6 @@ class ReaderPretraining:
                        **self.evaluate()}
                 log.append(row)
                 self.echo(json.dumps(row))
-        from imprag_ray.index.store import corpus_fingerprint
-
         world = Path(c.world)
         report = {
             "config": asdict(c),
@@ -217,21 +216,24 @@ def pretrain_reader(cfg: ReaderPretrainConfig, echo: Callable[[str], None] | Non
     return ReaderPretraining(cfg, echo).run()
 
 
+# Settings the command line may change: name -> type (defaults from ReaderPretrainConfig).
+CLI_FIELDS = {"people": int, "max_passage_tokens": int, "num_passages": int, "retrieval_layer": int,
+              "reader_last_layer": int, "steps": int, "gold_only_steps": int, "lr": float,
+              "batch_size": int, "seed": int, "threads": int, "eval_every": int}
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("pretrain-reader", help="pretrain a small base model to read passages (the demo's base)")
+    p = sub.add_parser("pretrain-reader", help="pretrain a small base model to read passages in the ImpRAG slots")
     p.add_argument("--world", required=True, help="synthetic world dir (imprag data synth)")
     p.add_argument("--init", required=True, help="random checkpoint to start from (imprag model init)")
     p.add_argument("--out", required=True)
-    for field, kind in (("people", int), ("max_passage_tokens", int), ("num_passages", int),
-                        ("retrieval_layer", int), ("reader_last_layer", int), ("steps", int), ("gold_only_steps", int), ("lr", float),
-                        ("batch_size", int), ("seed", int), ("threads", int), ("eval_every", int)):
+    for field, kind in CLI_FIELDS.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(ReaderPretrainConfig, field))
 
 
 def run_cli(args) -> int:
-    fields = ("people", "max_passage_tokens", "num_passages", "retrieval_layer", "reader_last_layer", "steps", "gold_only_steps", "lr", "batch_size", "seed", "threads", "eval_every")
     cfg = ReaderPretrainConfig(world=args.world, init=args.init, out=args.out,
-                               **{f: getattr(args, f) for f in fields})
+                               **{f: getattr(args, f) for f in CLI_FIELDS})
     pretrain_reader(cfg)
     return 0
 
