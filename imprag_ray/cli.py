@@ -42,6 +42,9 @@ def _add_model(sub) -> None:
                    help="KILT task files whose inputs/answers also train the tokenizer")
     s.add_argument("--vocab-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one preset field, e.g. --set tie_word_embeddings=false "
+                        "--set embedding_init_std=0.4 (repeatable)")
     s.set_defaults(func=cmd_model_init)
     from imprag_ray.train.reader_pretrain import add_parser, run_cli
 
@@ -154,9 +157,9 @@ def cmd_data_synth(args) -> int:
 
 def cmd_model_init(args) -> int:
     from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
-    from imprag_ray.model.presets import get_preset
+    from imprag_ray.model.presets import get_preset, with_settings
 
-    preset = get_preset(args.preset)
+    preset = with_settings(get_preset(args.preset), args.set)
     texts = tokenizer_texts(args.corpus, args.tasks)
     out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size)
     print(f"wrote {preset.name} checkpoint to {out}")

@@ -29,7 +29,23 @@ def test_data_synth_then_model_init(tmp_path):
     assert res.returncode == 0, res.stderr
     cfg = json.loads((tmp_path / "ckpt/imprag_config.json").read_text())
     assert (cfg["retrieval_layer"], cfg["reader_last_layer"]) == (1, 4)
+    assert json.loads((tmp_path / "ckpt/config.json").read_text())["tie_word_embeddings"] is True
     assert (tmp_path / "ckpt/tokenizer.json").exists()
+    # preset fields from the command line: an untied model with a wider input embedding table
+    base = ["model", "init", "--corpus", str(tmp_path / "w/corpus.jsonl"), "--vocab-size", "800"]
+    res = imprag(*base, "--set", "tie_word_embeddings=false", "--set", "embedding_init_std=0.4",
+                 "--out", str(tmp_path / "wide"))
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "wide/model.safetensors")
+    assert 0.35 < weights["model.embed_tokens.weight"].std().item() < 0.45
+    assert 0.015 < weights["lm_head.weight"].std().item() < 0.025
+    for bad, named in (("embedding_init_std=0.4", "tie_word_embeddings=False"),  # tied preset
+                       ("num_layer=4", "num_layers"), ("tie_word_embeddings=maybe", "true/false")):
+        res = imprag(*base, "--set", bad, "--out", str(tmp_path / "bad"))
+        assert res.returncode == 2 and named in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_train_with_a_bad_override_names_the_key(tiny_world, tmp_path):

@@ -50,3 +50,22 @@ def test_paper_presets_have_the_paper_layer_split():
     assert p3.num_kv_heads * p3.head_dim == 1024 == p8.num_kv_heads * p8.head_dim  # embedding dim
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("llama-70b")
+
+
+def test_embedding_init_std_sets_only_the_input_table(tmp_path):
+    shape = llama_like(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1,
+                       head_dim=16, retrieval_layer=0, reader_last_layer=1, tie_word_embeddings=False,
+                       embedding_init_std=0.4)
+    model = ImpRAGModel.from_pretrained(init_checkpoint(shape, TEXTS, tmp_path / "big", vocab_size=300))
+    emb, head = model.lm.get_input_embeddings().weight, model.lm.lm_head.weight
+    assert emb.data_ptr() != head.data_ptr()
+    assert 0.35 < emb.std().item() < 0.45 and 0.015 < head.std().item() < 0.025
+    shape = llama_like(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1,
+                       head_dim=16, retrieval_layer=0, reader_last_layer=1, embedding_init_std=None)
+    plain = ImpRAGModel.from_pretrained(init_checkpoint(shape, TEXTS, tmp_path / "hf", vocab_size=300))
+    # None: the HF init (initializer_range) for the input table too
+    assert 0.015 < plain.lm.get_input_embeddings().weight.std().item() < 0.025
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        llama_like(tie_word_embeddings=True, embedding_init_std=0.4)
+    with pytest.raises(ValueError, match="embedding_init_std must be > 0"):
+        llama_like(embedding_init_std=0.0)

@@ -75,12 +75,26 @@ def test_pretraining_items_hold_no_world_passage(tiny_world, tmp_path):
     ("people", 150, "people must be > 200"),
     ("gold_only_steps", 2000, "gold_only_steps must be in 0..steps"),
     ("lr", 0.0, "lr must be > 0"),
+    ("kinds", "profile,summary", "kinds must be a comma-separated subset of copy,profile,qa"),
+    ("kinds", " , ", "kinds must be"),
 ])
 def test_bad_pretrain_settings_are_named(tiny_world, tmp_path, field, value, match):
     kw = {"world": str(tiny_world["world"]), "init": str(tiny_world["ckpt"]), "out": str(tmp_path / "b"),
           "steps": 1000, field: value}
     with pytest.raises(ValueError, match=match):
         ReaderPretrainConfig(**kw).validate()
+
+
+def test_kinds_choose_the_training_items_but_not_the_held_out_eval(tiny_world, tmp_path):
+    cfg = ReaderPretrainConfig(world=str(tiny_world["world"]), init=str(tiny_world["ckpt"]),
+                               out=str(tmp_path / "b"), people=230, steps=1, gold_only_steps=0,
+                               eval_every=1, kinds="profile")
+    run = ReaderPretraining(cfg, echo=None)
+    prompts = {run.tokenizer.decode(it.prompt, skip_special_tokens=True).split(" about ")[0]
+               for it in run.train}
+    assert prompts == {"List the facts"} and len(run.train) == 30
+    assert run.eval_qa and run.eval_text  # the held-out people are read in every kind
+    assert 0 <= run.evaluate()["qa_first_token_gold_only"] <= 1
 
 
 def test_missing_world_manifest_says_how_to_make_one(tmp_path):
