@@ -34,13 +34,15 @@ def test_data_synth_then_model_init(tmp_path):
     # preset fields from the command line: an untied model with a wider input embedding table
     base = ["model", "init", "--corpus", str(tmp_path / "w/corpus.jsonl"), "--vocab-size", "800"]
     res = imprag(*base, "--set", "tie_word_embeddings=false", "--set", "embedding_init_std=0.4",
-                 "--out", str(tmp_path / "wide"))
+                 "--set", "first_o_proj_init_std=0.2", "--out", str(tmp_path / "wide"))
     assert res.returncode == 0, res.stderr
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "wide/model.safetensors")
     assert 0.35 < weights["model.embed_tokens.weight"].std().item() < 0.45
     assert 0.015 < weights["lm_head.weight"].std().item() < 0.025
+    assert 0.17 < weights["model.layers.0.self_attn.o_proj.weight"].std().item() < 0.23
+    assert 0.015 < weights["model.layers.1.self_attn.o_proj.weight"].std().item() < 0.025
     for bad, named in (("embedding_init_std=0.4", "tie_word_embeddings=False"),  # tied preset
                        ("num_layer=4", "num_layers"), ("tie_word_embeddings=maybe", "true/false")):
         res = imprag(*base, "--set", bad, "--out", str(tmp_path / "bad"))

@@ -98,9 +98,11 @@ def init_checkpoint(
     )
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    if preset.embedding_init_std is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if preset.embedding_init_std is not None:
             lm.get_input_embeddings().weight.normal_(0.0, preset.embedding_init_std)
+        if preset.first_o_proj_init_std is not None:
+            lm.model.layers[0].self_attn.o_proj.weight.normal_(0.0, preset.first_o_proj_init_std)
     config = ImpRAGConfig(
         preset.retrieval_layer,
         preset.reader_last_layer,

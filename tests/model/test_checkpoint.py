@@ -55,11 +55,13 @@ def test_paper_presets_have_the_paper_layer_split():
 def test_embedding_init_std_sets_only_the_input_table(tmp_path):
     shape = llama_like(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1,
                        head_dim=16, retrieval_layer=0, reader_last_layer=1, tie_word_embeddings=False,
-                       embedding_init_std=0.4)
+                       embedding_init_std=0.4, first_o_proj_init_std=0.2)
     model = ImpRAGModel.from_pretrained(init_checkpoint(shape, TEXTS, tmp_path / "big", vocab_size=300))
     emb, head = model.lm.get_input_embeddings().weight, model.lm.lm_head.weight
     assert emb.data_ptr() != head.data_ptr()
     assert 0.35 < emb.std().item() < 0.45 and 0.015 < head.std().item() < 0.025
+    o_proj = [layer.self_attn.o_proj.weight.std().item() for layer in model.layers]
+    assert 0.17 < o_proj[0] < 0.23 and all(0.01 < s < 0.03 for s in o_proj[1:])
     shape = llama_like(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1,
                        head_dim=16, retrieval_layer=0, reader_last_layer=1, embedding_init_std=None)
     plain = ImpRAGModel.from_pretrained(init_checkpoint(shape, TEXTS, tmp_path / "hf", vocab_size=300))
@@ -69,3 +71,5 @@ def test_embedding_init_std_sets_only_the_input_table(tmp_path):
         llama_like(tie_word_embeddings=True, embedding_init_std=0.4)
     with pytest.raises(ValueError, match="embedding_init_std must be > 0"):
         llama_like(embedding_init_std=0.0)
+    with pytest.raises(ValueError, match="first_o_proj_init_std must be > 0"):
+        llama_like(first_o_proj_init_std=-1.0)
