@@ -42,10 +42,9 @@ class ModelPreset:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
-        if self.embedding_init_std is not None:
-            if self.tie_word_embeddings:
-                raise ValueError("embedding_init_std needs tie_word_embeddings=False (a tied table "
-                                 "is also the LM head); drop one of the two")
+        if self.embedding_init_std is not None and self.tie_word_embeddings:
+            raise ValueError("embedding_init_std needs tie_word_embeddings=False (a tied table "
+                             "is also the LM head); drop one of the two")
 
     def hf_config(self, vocab_size: int | None = None, **special_ids: int):
         """A transformers ``LlamaConfig`` of this shape (vocab from the tokenizer if given)."""
@@ -163,36 +162,38 @@ def llama3_1_8b() -> ModelPreset:
 PRESETS = {"tiny": tiny, "llama3.2-3b": llama3_2_3b, "llama3.1-8b": llama3_1_8b}
 
 
-_OPTIONAL_FLOATS = ("embedding_init_std", "first_o_proj_init_std")
-_NUMBER_FIELDS = {"initializer_range": float, "rope_theta": float, **dict.fromkeys(_OPTIONAL_FLOATS, float)}
+def _field_parser(annotation: str):
+    """How ``--set`` parses a field of this annotation; None = not settable (name, dicts)."""
+    base = annotation.replace(" | None", "")
+    return {"bool": bool, "int": int, "float": float}.get(base)
 
 
 def with_settings(preset: ModelPreset, settings: list[str]) -> ModelPreset:
     """``preset`` with ``field=value`` settings applied (``imprag model init --set``).
 
-    Values parse by the field: int, float, true/false, and none for the optional init
-    stds; dict fields (rope_scaling) cannot be set this way."""
-    known = {f.name: f for f in fields(ModelPreset)}
+    Values parse by the field's type: int, float, true/false, and none for the optional
+    init stds; the name and dict fields (rope_scaling) cannot be set this way."""
+    types = {f.name: f.type for f in fields(ModelPreset)}
+    parsers = {name: _field_parser(annotation) for name, annotation in types.items()}
+    settable = sorted(k for k, parse in parsers.items() if parse)
     changes: dict = {}
     for item in settings:
         key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key not in known or key in ("name", "rope_scaling"):
-            settable = sorted(k for k in known if k not in ("name", "rope_scaling"))
+        key, raw = key.strip(), raw.strip()
+        parse = parsers.get(key)
+        if not sep or parse is None:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {settable}")
-        raw = raw.strip()
-        current = getattr(preset, key)
         try:
-            if key in _OPTIONAL_FLOATS and raw.lower() in ("none", "null"):
+            if types[key].endswith("| None") and raw.lower() in ("none", "null"):
                 value = None
-            elif isinstance(current, bool):
+            elif parse is bool:
                 if raw.lower() not in ("true", "false"):
                     raise ValueError
                 value = raw.lower() == "true"
             else:
-                value = _NUMBER_FIELDS.get(key, int)(raw)
+                value = parse(raw)
         except ValueError:
-            kind = "true/false" if isinstance(current, bool) else _NUMBER_FIELDS.get(key, int).__name__
+            kind = "true/false" if parse is bool else parse.__name__
             raise ValueError(f"--set {key}={raw!r}: {key} takes a {kind} value") from None
         changes[key] = value
     return replace(preset, **changes)
