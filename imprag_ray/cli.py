@@ -1,7 +1,8 @@
 """``imprag`` command line.
 
-    imprag data synth --out DIR [--seed N] [--passages N]
+    imprag data synth --out DIR [--seed N] [--passages N] [--disjoint-from WORLD_DIR]
     imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--seed N]
+    imprag model pretrain-base [--out DIR] [key.sub=value ...]
     imprag train --config jobs/X.yaml [key.sub=value ...] [--resume] [--address URL | --no-ray]
     imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
     imprag demo [--json OUT] [key.sub=value ...]
@@ -28,6 +29,13 @@ def _add_data(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--passages", type=int, default=5000)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument(
+        "--disjoint-from",
+        type=Path,
+        metavar="WORLD_DIR",
+        help="write a pretraining world instead: --passages people who are not in WORLD_DIR "
+        "(a world written by this command), facts from its value pools",
+    )
     s.set_defaults(func=cmd_data_synth)
 
 
@@ -50,6 +58,14 @@ def _add_model(sub) -> None:
 
     add_parser(msub)
     msub.choices["pretrain-reader"].set_defaults(func=run_cli)
+    s = msub.add_parser(
+        "pretrain-base",
+        help="pretrain a tiny base on people outside the demo world (retrieval stage on Ray Train, reading stages)",
+    )
+    s.add_argument("--out", type=Path, default=None,
+                   help="where the bf16 base goes (default: runs/pretrain/base)")
+    s.add_argument("overrides", nargs="*", help="key.sub=value applied to the pretraining job")
+    s.set_defaults(func=cmd_model_pretrain_base)
 
 
 def _add_train(sub) -> None:
@@ -150,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_data_synth(args) -> int:
     from imprag_ray.data.synth import synthesize
 
-    manifest = synthesize(args.out, seed=args.seed, n_passages=args.passages, overwrite=args.overwrite)
+    disjoint = None
+    if args.disjoint_from is not None:
+        from imprag_ray.data.synth import world_key
+
+        disjoint = world_key(args.disjoint_from)
+    manifest = synthesize(
+        args.out, seed=args.seed, n_passages=args.passages, overwrite=args.overwrite, disjoint_from=disjoint
+    )
     print(json.dumps(manifest["counts"], indent=2))
     return 0
 
@@ -163,6 +186,13 @@ def cmd_model_init(args) -> int:
     texts = tokenizer_texts(args.corpus, args.tasks)
     out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size)
     print(f"wrote {preset.name} checkpoint to {out}")
+    return 0
+
+
+def cmd_model_pretrain_base(args) -> int:
+    from imprag_ray.pipelines.pretrain_base import BASE_DIR, pretrain_base
+
+    pretrain_base(args.out or BASE_DIR, args.overrides, echo=lambda line: print(line, flush=True))
     return 0
 
 

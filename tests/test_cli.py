@@ -50,6 +50,23 @@ def test_data_synth_then_model_init(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def test_data_synth_disjoint_from_writes_a_pretraining_world(tmp_path):
+    res = imprag("data", "synth", "--out", str(tmp_path / "w"), "--passages", "150", "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    res = imprag("data", "synth", "--out", str(tmp_path / "pre"), "--passages", "120", "--seed", "4",
+                 "--disjoint-from", str(tmp_path / "w"))
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "pre/world.json").read_text())
+    assert manifest["disjoint_from"] == {"seed": 3, "n_passages": 150}
+    names = {json.loads(line)["title"] for line in (tmp_path / "w/corpus.jsonl").read_text().splitlines()}
+    pre = {json.loads(line)["title"] for line in (tmp_path / "pre/corpus.jsonl").read_text().splitlines()}
+    assert len(pre) == 120 and not names & pre
+    for bad, says in ((tmp_path / "pre", "is itself a pretraining world"), (tmp_path / "nowhere", "world.json")):
+        res = imprag("data", "synth", "--out", str(tmp_path / "x"), "--disjoint-from", str(bad))
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "x").exists()
+
+
 def test_train_with_a_bad_override_names_the_key(tiny_world, tmp_path):
     res = imprag("train", "--config", str(tiny_world["job"]), "model.num_passages=0")
     assert res.returncode == 2

@@ -17,6 +17,12 @@
   eval/entity_linking.jsonl     "[START] Redhand [END] ..." -> "Ilsa Dren"   (unseen format)
   world.json                    manifest: seed, counts, formats, split sizes
 
+`synthesize(out_dir, seed=1, n_passages=7000, disjoint_from=(0, 5000))` writes a *pretraining
+world* in the same layout: its people are name combinations the world (seed 0, 5,000
+passages) does not use, with facts drawn from that world's value pools, so a small base
+pretrained on it learns to read and retrieve by name without ever seeing the other world's
+people (``imprag data synth --disjoint-from runs/demo/world``).
+
 Held-out (dev/test) people exist only in the corpus and in their own split's files;
 distractor people share templates and values but are never asked about. Questions are poor
 explicit queries: other people and places are mentioned around a paraphrased relation.
@@ -227,20 +233,84 @@ def reading_people(world: World, n: int, rng: random.Random) -> list[Person]:
     return out
 
 
+def redraw_facts(people: list[Person], pools: dict[str, list[str]], rng: random.Random) -> None:
+    """New facts (from ``pools``) and new passage sentences for the same names, in place:
+    a reader trained on several passes over fresh facts can only read them, never recall."""
+    for p in people:
+        p.facts = {rel: rng.choice(pools[rel]) for rel in V.RELATIONS}
+        p.sentences = _sentences(rng, p.slots())
+
+
+def pretraining_world(world: World, n_passages: int, seed: int) -> World:
+    """A second world of n_passages people, none of whom is in ``world``: unused name
+    combinations of its name pools, facts from its value pools (the same words, so one
+    tokenizer serves both), split train/dev/test/distractor like :func:`build_world`.
+
+    Pretraining on it cannot leak a held-out fact of ``world``: a person's facts live only in
+    the world that has the person. Aliases are reused from ``world``'s non-held-out people
+    (its entity-linking files are not unique per alias; the pretraining jobs do not use them)."""
+    sizes = split_sizes(n_passages)
+    rng = random.Random(f"pretraining-{seed}")
+    splits = [s for s, k in sizes.items() for _ in range(k)]
+    rng.shuffle(splits)
+    people = reading_people(world, n_passages, rng)
+    width = max(5, len(str(n_passages - 1)))
+    for i, (p, split) in enumerate(zip(people, splits, strict=True)):
+        p.pid, p.split = f"p{i:0{width}d}", split
+    return World(people=people, pools=world.pools)
+
+
+def world_key(world_dir: str | os.PathLike) -> tuple[int, int]:
+    """(seed, n_passages) of a world written by :func:`synthesize`, checked against its corpus
+    (ValueError naming the file and the fix otherwise)."""
+    import json
+
+    manifest_path = Path(world_dir) / "world.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        key = (int(manifest["seed"]), int(manifest["n_passages"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: not a world written by `imprag data synth` ({e})") from e
+    if "disjoint_from" in manifest:
+        raise ValueError(f"{manifest_path}: is itself a pretraining world; pass the world it was drawn for")
+    corpus = Path(world_dir) / "corpus.jsonl"
+    try:
+        with open(corpus) as fh:
+            titles = [json.loads(line)["title"] for line in fh if line.strip()]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{corpus}: unreadable ({e}); rewrite the world with `imprag data synth`") from e
+    if titles != [p.name for p in build_world(*key).people]:
+        raise ValueError(
+            f"{corpus}: does not match seed={key[0]} passages={key[1]} of {manifest_path}; "
+            "rewrite the world with `imprag data synth`"
+        )
+    return key
+
+
 def corpus_rows(world: World) -> list[dict[str, Any]]:
     return [{"id": p.pid, "title": p.name, "text": p.text} for p in world.people]
 
 
 def synthesize(
-    out_dir: str | os.PathLike, *, seed: int = 0, n_passages: int = 5000, overwrite: bool = False
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_passages: int = 5000,
+    overwrite: bool = False,
+    disjoint_from: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic world to out_dir atomically and return its manifest (world.json).
 
-    Refuses a non-empty out_dir unless overwrite=True (FileExistsError).
+    ``disjoint_from=(seed, n_passages)`` of another world writes a pretraining world of
+    n_passages people outside it (:func:`pretraining_world`) instead. Refuses a non-empty
+    out_dir unless overwrite=True (FileExistsError).
     """
     from imprag_ray.data.synth_tasks import build_task_files
 
-    world = build_world(seed, n_passages)
+    if disjoint_from is None:
+        world = build_world(seed, n_passages)
+    else:
+        world = pretraining_world(build_world(*disjoint_from), n_passages, seed)
     files = build_task_files(world, random.Random(f"tasks-{seed}"))
     manifest: dict[str, Any] = {
         "name": "imprag-synth",
@@ -252,6 +322,8 @@ def synthesize(
         "relations": list(V.RELATIONS),
         "unseen_formats": ["slot_filling", "fact_check", "entity_linking"],
     }
+    if disjoint_from is not None:
+        manifest["disjoint_from"] = {"seed": disjoint_from[0], "n_passages": disjoint_from[1]}
     counts = {"corpus.jsonl": n_passages}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_jsonl_atomic(tmp / "corpus.jsonl", corpus_rows(world))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,6 +168,22 @@ class ImpRAGModel(nn.Module):
         (not atomic: callers that assemble a larger checkpoint wrap it in ``atomic_dir``)."""
         self.lm.save_pretrained(directory)
         (Path(directory) / IMPRAG_CONFIG_NAME).write_text(json.dumps(asdict(self.imprag_config), indent=2))
+
+    def retriever_parameter(self, name: str) -> bool:
+        """True for the weights that only the bottom group (the retriever) owns: layers
+        0..b-1 and layer b's input norm and q/k projections (``name`` as in
+        ``named_parameters()``). The token embedding table is shared with the reader."""
+        b = self.b
+        m = re.search(r"\.layers\.(\d+)\.(.*)$", name)
+        if m is None:
+            return False
+        layer, modules = int(m.group(1)), set(m.group(2).split("."))
+        return layer < b or (layer == b and bool(modules & {"input_layernorm", "q_proj", "k_proj"}))
+
+    def embedding_parameter(self, name: str) -> bool:
+        """True for every weight the query and passage embeddings depend on: the retriever's
+        own (:meth:`retriever_parameter`) plus the input token embedding table."""
+        return self.retriever_parameter(name) or name.endswith("embed_tokens.weight")
 
     # -------------------------------------------------------------- properties
     @property

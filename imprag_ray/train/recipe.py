@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,15 +174,9 @@ class ImpRAGRecipe:
         )
 
     def retriever_parameter(self, name: str) -> bool:
-        """True for the weights the embeddings are made of and that only the bottom group
-        owns: layers 0..b-1 and layer b's input norm and q/k projections. (The token
-        embedding table is shared with the reader and the LM head, so it stays at ``lr``.)"""
-        b = self.model.b
-        m = re.search(r"\.layers\.(\d+)\.(.*)$", name)
-        if m is None:
-            return False
-        layer, modules = int(m.group(1)), set(m.group(2).split("."))
-        return layer < b or (layer == b and bool(modules & {"input_layernorm", "q_proj", "k_proj"}))
+        """:meth:`ImpRAGModel.retriever_parameter` (the token embedding table is shared with
+        the reader and the LM head, so it stays at ``lr``)."""
+        return self.model.retriever_parameter(name)
 
     @property
     def steps_per_epoch(self) -> int:

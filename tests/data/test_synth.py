@@ -207,3 +207,43 @@ def test_refuses_non_empty_out_dir_and_overwrites(tmp_path):
     assert (out / "world.json").exists() and not (out / "keep.txt").exists()
     assert m == _manifest(out)
     assert [p.name for p in tmp_path.iterdir()] == ["w"]
+
+
+def test_pretraining_world_has_none_of_the_worlds_people_and_the_same_values(tmp_path, world):
+    from imprag_ray.data.synth import world_key
+
+    assert world_key(world) == (0, N)
+    m = synthesize(tmp_path / "pre", seed=5, n_passages=200, disjoint_from=world_key(world))
+    assert m["disjoint_from"] == {"seed": 0, "n_passages": N} and m["entities"] == split_sizes(200)
+    pre = {p.title: p for p in read_corpus(tmp_path / "pre/corpus.jsonl")}
+    base = {p.title for p in read_corpus(world / "corpus.jsonl")}
+    assert len(pre) == 200 and not pre.keys() & base
+    # same name pools (one tokenizer serves both worlds), other combinations
+    firsts = {t.split(" ")[0] for t in base}
+    assert {t.split(" ")[0] for t in pre} <= firsts
+    # answers come from the world's value pools and are read from the person's passage
+    from imprag_ray.data.synth import build_world
+
+    values = {v for pool in build_world(0, N).pools.values() for v in pool}
+    qa = read_tasks(tmp_path / "pre/train/qa.jsonl", "qa") + read_tasks(tmp_path / "pre/dev/qa.jsonl", "qa")
+    by_id = {p.id: p for p in pre.values()}
+    assert all(answer_in_text(by_id[e.provenance[0]].text, e.answers) for e in qa)
+    assert qa and {e.answers[0] for e in qa} <= values
+    # deterministic, and a pretraining world cannot be the world another one avoids
+    synthesize(tmp_path / "again", seed=5, n_passages=200, disjoint_from=(0, N))
+    assert _files(tmp_path / "again") == _files(tmp_path / "pre")
+    with pytest.raises(ValueError, match="is itself a pretraining world"):
+        world_key(tmp_path / "pre")
+
+
+def test_world_key_refuses_a_corpus_that_is_not_its_seeds(tmp_path, world):
+    from imprag_ray.data.synth import world_key
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w/world.json").write_text((world / "world.json").read_text())
+    lines = (world / "corpus.jsonl").read_text().splitlines()
+    (tmp_path / "w/corpus.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+    with pytest.raises(ValueError, match="does not match seed=0 passages=400"):
+        world_key(tmp_path / "w")
+    with pytest.raises(ValueError, match="not a world written by"):
+        world_key(tmp_path / "missing")

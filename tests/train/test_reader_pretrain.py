@@ -101,3 +101,40 @@ def test_missing_world_manifest_says_how_to_make_one(tmp_path):
     cfg = ReaderPretrainConfig(world=str(tmp_path), init=str(tmp_path), out=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="imprag data synth"):
         cfg.validate()
+
+
+def test_fresh_facts_redraw_the_training_people_at_every_pass(tiny_world, tmp_path):
+    from imprag_ray.eval.metrics import answer_in_text
+
+    cfg = ReaderPretrainConfig(world=str(tiny_world["world"]), init=str(tiny_world["ckpt"]),
+                               out=str(tmp_path / "b"), people=230, steps=1, gold_only_steps=0,
+                               eval_every=1, kinds="qa", fresh_facts=True)
+    run = ReaderPretraining(cfg, echo=None)
+    before = {p.pid: dict(p.facts) for p in run.people}
+    eval_before = [(list(it.prompt), list(it.target), list(it.context)) for it in run.eval_qa]
+    run.new_pass()
+    train_pids, eval_pids = {p.pid for p in run.people[:-200]}, {p.pid for p in run.people[-200:]}
+    changed = [p.pid for p in run.people if p.facts != before[p.pid]]
+    assert changed and set(changed) <= train_pids and len(changed) > 0.8 * len(train_pids)
+    assert [(list(it.prompt), list(it.target), list(it.context)) for it in run.eval_qa] == eval_before
+    assert not eval_pids & {run.gold[id(it)] for it in run.train}
+    # every rebuilt item's answer is in its (rebuilt) gold passage
+    texts = {p.pid: p.text for p in run.people}
+    for it in run.train:
+        answer = run.tokenizer.decode(it.target, skip_special_tokens=True).strip()
+        assert answer_in_text(texts[run.gold[id(it)]], [answer]), answer
+    assert run.passes == 1
+
+
+def test_freeze_retriever_keeps_every_embedding_weight_and_trains_the_reader(tiny_world, tmp_path):
+    cfg = ReaderPretrainConfig(world=str(tiny_world["world"]), init=str(tiny_world["ckpt"]),
+                               out=str(tmp_path / "b"), people=230, steps=3, gold_only_steps=1,
+                               eval_every=3, freeze_retriever=True)
+    ReaderPretraining(cfg, echo=None).run()
+    base, start = ImpRAGModel.from_pretrained(tmp_path / "b"), ImpRAGModel.from_pretrained(tiny_world["ckpt"])
+    frozen = {n for n, _ in base.named_parameters() if base.embedding_parameter(n)}
+    b = base.b
+    assert "lm.model.embed_tokens.weight" in frozen and f"lm.model.layers.{b}.self_attn.q_proj.weight" in frozen
+    assert f"lm.model.layers.{b}.self_attn.v_proj.weight" not in frozen
+    for (name, p), (_, q) in zip(base.named_parameters(), start.named_parameters(), strict=True):
+        assert torch.equal(p, q) == (name in frozen), name
