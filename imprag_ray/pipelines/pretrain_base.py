@@ -29,7 +29,8 @@ pretraining world's dev QA recall@10):
 
 * reading first (two pretrain-reader runs from the init, the second with ``--fresh-facts``:
   reading 20%, then 64%), then the ImpRAG job: retrieval 0/7/12/15% at steps 300..1,200
-  (lr 5e-4), 0% at step 600 with retriever_lr 2e-3 and lambda_ret 2;
+  (lr 5e-4), 0% at step 600 with retriever_lr 2e-3 and lambda_ret 2, 1/12/8% at steps
+  300/600/900 of a 2,400-step schedule with retriever_lr 1e-3;
 * the ImpRAG job from the init: retrieval 12/37/58% at steps 300/600/900 (recall@1 26%), no
   reading (EM 2-3%, also with the gold passage alone);
 * then reading with the retriever frozen (these ``READER_STAGES``): reading stayed at 2-5%

@@ -15,15 +15,6 @@ from imprag_ray.pipelines.pretrain_base import (
 )
 
 
-@pytest.fixture
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypatch, ray_local):
     import imprag_ray.pipelines.pretrain_base as pb
     from imprag_ray.data.synth import synthesize
