@@ -121,7 +121,7 @@ class TrainConfig:
     lr: float = 1e-3
     # lr of the retriever side (layers 0..b-1, layer b's input norm + q/k projections);
     # null = lr. Lower than lr lets the reader learn fast without moving the embeddings
-    # the retrieval loss is shaping (see ImpRAGRecipe.retriever_parameter).
+    # the retrieval loss is shaping (see ImpRAGModel.retriever_parameter).
     retriever_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50

@@ -180,17 +180,26 @@ def _sentences(rng: random.Random, slots: dict[str, str]) -> list[str]:
     return [intro, *rest]
 
 
+def _shuffled_splits(n_passages: int, rng: random.Random) -> list[str]:
+    """One split name per person (sizes of :func:`split_sizes`), in random order."""
+    splits = [s for s, k in split_sizes(n_passages).items() for _ in range(k)]
+    rng.shuffle(splits)
+    return splits
+
+
+def _pid_width(n_passages: int) -> int:
+    return max(5, len(str(n_passages - 1)))
+
+
 def build_world(seed: int = 0, n_passages: int = 5000) -> World:
     """All people of the world, deterministic per seed; passage ids p00000.. in order."""
-    sizes = split_sizes(n_passages)
     rng = random.Random(seed)
     used = _reserved_words()
     pools = _value_pools(rng, used)
     names = _names(rng, n_passages, used)
-    splits = [s for s, k in sizes.items() for _ in range(k)]
-    rng.shuffle(splits)
+    splits = _shuffled_splits(n_passages, rng)
     aliases = _aliases(rng, splits)
-    width = max(5, len(str(n_passages - 1)))
+    width = _pid_width(n_passages)
     people = []
     for i, ((first, last), split, alias) in enumerate(zip(names, splits, aliases, strict=True)):
         facts = {rel: rng.choice(pools[rel]) for rel in V.RELATIONS}
@@ -249,12 +258,10 @@ def pretraining_world(world: World, n_passages: int, seed: int) -> World:
     Pretraining on it cannot leak a held-out fact of ``world``: a person's facts live only in
     the world that has the person. Aliases are reused from ``world``'s non-held-out people
     (its entity-linking files are not unique per alias; the pretraining jobs do not use them)."""
-    sizes = split_sizes(n_passages)
     rng = random.Random(f"pretraining-{seed}")
-    splits = [s for s, k in sizes.items() for _ in range(k)]
-    rng.shuffle(splits)
+    splits = _shuffled_splits(n_passages, rng)
     people = reading_people(world, n_passages, rng)
-    width = max(5, len(str(n_passages - 1)))
+    width = _pid_width(n_passages)
     for i, (p, split) in enumerate(zip(people, splits, strict=True)):
         p.pid, p.split = f"p{i:0{width}d}", split
     return World(people=people, pools=world.pools)

@@ -148,12 +148,13 @@ def finished_retrieval_stage(cfg) -> tuple[str | None, str | None]:
     if not saved_path.is_file() or not (final / "trainer_state.pt").is_file() or not metrics.is_file():
         return None, None
     keys = ("model", "teacher", "train", "seed")
-    want = json.loads(json.dumps({k: to_dict(cfg)[k] for k in keys}))
-    saved = {k: json.loads(saved_path.read_text()).get(k) for k in (*keys, "data")}
+    current = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists, as in the saved file
+    saved = json.loads(saved_path.read_text())
     # the checkpoint holds a worker's view: its share of the global batch
     saved["train"]["batch_size"] *= cfg.ray.num_workers
-    train_files = json.loads(json.dumps(to_dict(cfg)["data"]["train"]))
-    same = {k: saved[k] for k in keys} == want and saved["data"]["train"] == train_files
+    same = (
+        all(saved.get(k) == current[k] for k in keys) and saved["data"]["train"] == current["data"]["train"]
+    )
     return (str(final), str(metrics)) if same else (None, None)
 
 
@@ -172,13 +173,10 @@ def finished_reading_stage(cfg) -> dict | None:
 
 def last_dev_metrics(metrics_jsonl: str | Path) -> dict | None:
     """The last ``dev`` entry of a run's metrics.jsonl (None when the job has no dev set)."""
-    dev = None
-    with open(metrics_jsonl) as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row.get("dev"):
-                dev = {"step": row.get("step"), **row["dev"]}
-    return dev
+    from imprag_ray.pipelines.train import read_metrics
+
+    devs = [{"step": row.get("step"), **row["dev"]} for row in read_metrics(metrics_jsonl) if row.get("dev")]
+    return devs[-1] if devs else None
 
 
 def export_base(checkpoint: str | Path, out: Path, manifest: dict) -> None:
@@ -226,8 +224,6 @@ def pretrain_base(
 ) -> dict:
     """Steps 1-6 of the module docstring on the Ray this process is connected to (or an
     embedded local one); returns the manifest written to ``out/base.json``."""
-    import ray
-
     from imprag_ray.cli import load_train_config
     from imprag_ray.index.store import corpus_fingerprint
     from imprag_ray.pipelines.train import train_ray
@@ -247,14 +243,7 @@ def pretrain_base(
         if PRETRAIN_WORLD.parent.resolve() in Path(cfg.output_dir).resolve().parents:
             shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a rerun pretrains from the init again
         echo(f"[pretrain-base] retrieval stage: {JOB} on Ray Train")
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
-        try:
-            run = train_ray(cfg, echo=echo)
-        finally:
-            if started:
-                ray.shutdown()
+        run = train_ray(cfg, echo=echo)  # joins the connected Ray, else starts an embedded one
         if run.checkpoint is None:
             raise RuntimeError(f"{JOB}: training ended without a checkpoint")
         checkpoint, metrics = run.checkpoint, run.metrics

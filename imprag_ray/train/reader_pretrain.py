@@ -164,8 +164,8 @@ class ReaderPretraining:
         for name, p in self.model.named_parameters():
             if cfg.freeze_retriever and self.model.embedding_parameter(name):
                 p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                           betas=(0.9, 0.98), weight_decay=0.01)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
 
@@ -244,7 +244,7 @@ class ReaderPretraining:
             res, _ = self._forward(items)
             self.optimizer.zero_grad()
             res.loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
             self.optimizer.step()
             self.scheduler.step()
             if step % c.eval_every == 0 or step == c.steps:
@@ -274,7 +274,7 @@ def pretrain_reader(cfg: ReaderPretrainConfig, echo: Callable[[str], None] | Non
 CLI_FIELDS = {"people": int, "max_passage_tokens": int, "num_passages": int, "retrieval_layer": int,
               "reader_last_layer": int, "steps": int, "gold_only_steps": int, "lr": float,
               "batch_size": int, "seed": int, "threads": int, "eval_every": int, "kinds": str,
-              "fresh_facts": bool}
+              "fresh_facts": bool, "freeze_retriever": bool}
 
 
 def add_parser(sub) -> None:

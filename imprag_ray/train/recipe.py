@@ -161,22 +161,18 @@ class ImpRAGRecipe:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW; no weight decay on norms/biases; the retriever side (see
-        :meth:`retriever_parameter`) at ``train.retriever_lr`` when that is set."""
+        :meth:`ImpRAGModel.retriever_parameter`; the token embedding table is shared with the
+        reader and the LM head, so it stays at ``lr``) at ``train.retriever_lr`` when that is set."""
         tc = self.cfg.train
         groups: dict[tuple[float, float], list] = {}
         for name, p in self.model.named_parameters():
             decay = 0.0 if p.dim() < 2 or "norm" in name else tc.weight_decay
-            lr = tc.retriever_lr if tc.retriever_lr is not None and self.retriever_parameter(name) else tc.lr
+            lr = tc.retriever_lr if tc.retriever_lr is not None and self.model.retriever_parameter(name) else tc.lr
             groups.setdefault((lr, decay), []).append(p)
         return torch.optim.AdamW(
             [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
             lr=tc.lr, betas=(0.9, 0.98),
         )
-
-    def retriever_parameter(self, name: str) -> bool:
-        """:meth:`ImpRAGModel.retriever_parameter` (the token embedding table is shared with
-        the reader and the LM head, so it stays at ``lr``)."""
-        return self.model.retriever_parameter(name)
 
     @property
     def steps_per_epoch(self) -> int:
