@@ -5,7 +5,7 @@
     imprag model pretrain-base [--out DIR] [key.sub=value ...]
     imprag train --config jobs/X.yaml [key.sub=value ...] [--resume] [--address URL | --no-ray]
     imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
-    imprag demo [--json OUT] [key.sub=value ...]
+    imprag demo [--json OUT] [--from-scratch] [key.sub=value ...]
 
 User mistakes (bad config, bad data, bad arguments) print one clear line and exit 2;
 no traceback.
@@ -60,7 +60,7 @@ def _add_model(sub) -> None:
     msub.choices["pretrain-reader"].set_defaults(func=run_cli)
     s = msub.add_parser(
         "pretrain-base",
-        help="pretrain a tiny base on people outside the demo world (retrieval stage on Ray Train, reading stages)",
+        help="pretrain the tiny base the demo starts from, on people outside the demo world (Ray Train)",
     )
     s.add_argument("--out", type=Path, default=None,
                    help="where the bf16 base goes (default: runs/pretrain/base)")
@@ -95,7 +95,10 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on the tiny model (ImpRAG vs closed book)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("overrides", nargs="*", help="key.sub=value applied to both training jobs")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start the three systems from a random tiny init instead of the checked-in "
+                        "pretrained base (the random model does not learn to read in the demo's budget)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value applied to every system's training job")
     p.set_defaults(func=cmd_demo)
 
 
@@ -243,7 +246,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from imprag_ray.demo import run_demo
 
-    run_demo(args.json, args.overrides)
+    run_demo(args.json, args.overrides, from_scratch=args.from_scratch)
     return 0
 
 

@@ -1,6 +1,9 @@
 """``imprag demo``: the end-to-end run on an embedded local Ray, no arguments needed.
 
-1. synthesise the world and initialise the tiny model (``runs/demo/world``, ``runs/demo/init``);
+1. synthesise the world (``runs/demo/world``) and start the tiny model (``runs/demo/init``) from
+   the checked-in base (:data:`BASE`: pretrained by ``imprag model pretrain-base`` on people who
+   are not in this world, so it reads and retrieves but knows none of the held-out facts), or
+   from a random init with ``--from-scratch``;
 2. train three systems with Ray Train (2 workers each), same model size and step budget:
    closed book (``jobs/tiny_synth_closed_book.yaml``), an explicit-query RAG baseline whose
    reader is trained on BM25 passages (``jobs/tiny_synth_bm25_rag.yaml``) and ImpRAG
@@ -24,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/demo")
 WORLD = OUT / "world"
 INIT = OUT / "init"
+INIT_MARK = "demo_init.json"  # which start INIT holds: {"from": "base" | "random"}
+BASE = ROOT / "imprag_ray" / "assets" / "tiny_synth_base"  # `imprag model pretrain-base`, bf16
 # (row name, job file, retriever used at inference)
 SYSTEMS = (
     ("closed-book", "jobs/tiny_synth_closed_book.yaml", "none"),
@@ -88,20 +93,39 @@ def _world_files(systems) -> list[Path]:
     return files
 
 
-def prepare(echo=print, systems=SYSTEMS) -> None:
-    """World + random tiny checkpoint (skipped when already there)."""
+def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
+    """World + the start checkpoint: a copy of ``base``, or a random tiny init when ``base`` is
+    None (each skipped when already there)."""
+    from imprag_ray.data.io import atomic_dir, write_json_atomic
     from imprag_ray.data.synth import synthesize
     from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
     from imprag_ray.model.presets import tiny
+    from imprag_ray.pipelines.pretrain_base import check_base_matches_world
 
     if not (WORLD / "world.json").exists() or not all(f.exists() for f in _world_files(systems)):
         shutil.rmtree(INIT, ignore_errors=True)  # its tokenizer belongs to the old world
         echo(f"[demo] synthesising the world into {WORLD}")
         synthesize(WORLD, seed=0, n_passages=5000, overwrite=WORLD.exists())
-    if not (INIT / "model.safetensors").exists():
-        echo(f"[demo] initialising the tiny model into {INIT}")
+    start = "random" if base is None else "base"
+    try:
+        held = json.loads((INIT / INIT_MARK).read_text()).get("from")
+    except (OSError, ValueError):
+        held = None
+    if held == start and (INIT / "model.safetensors").exists():
+        return
+    if base is not None:
+        check_base_matches_world(base, WORLD)
+    shutil.rmtree(INIT, ignore_errors=True)
+    if base is None:
+        echo(f"[demo] initialising a random tiny model into {INIT}")
         tasks = [WORLD / "train/qa.jsonl", WORLD / "train/instruction.jsonl"]
         init_checkpoint(tiny(), tokenizer_texts(WORLD / "corpus.jsonl", tasks), INIT, seed=0)
+    else:
+        echo(f"[demo] starting from the pretrained base {base}")
+        with atomic_dir(INIT) as tmp:
+            for f in Path(base).iterdir():
+                shutil.copy2(f, Path(tmp) / f.name)
+    write_json_atomic(INIT / INIT_MARK, {"from": start, "base": None if base is None else str(base)})
 
 
 def _fresh(path: str) -> None:
@@ -159,7 +183,11 @@ def run_system(name: str, job: str, retriever: str, overrides: list[str], echo=p
 
 
 def run_demo(
-    json_out: Path | None = None, overrides: list[str] | None = None, echo=print, systems=SYSTEMS
+    json_out: Path | None = None,
+    overrides: list[str] | None = None,
+    echo=print,
+    systems=SYSTEMS,
+    from_scratch: bool = False,
 ) -> dict:
     """Run every step on an embedded local Ray (or the Ray this process is connected to);
     returns {"table", "results", "seconds", ...}."""
@@ -172,7 +200,7 @@ def run_demo(
     if started:
         ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     try:
-        prepare(echo, systems)
+        prepare(echo, systems, None if from_scratch else BASE)
         runs = {
             name: run_system(name, job, retriever, list(overrides or []), echo)
             for name, job, retriever in systems

@@ -3,7 +3,11 @@
 Choices the paper leaves open (DESIGN §1 "Not given by the paper") are all here, with
 the defaults we use and why:
 
-* ``train.lambda_ret`` (1.0): J_ret and J_gen are both O(1) nats; equal weight.
+* ``train.lambda_ret`` (1.0): J_ret and J_gen are both O(1) nats; equal weight. The tiny demo
+  model uses 0.1: at 1.0 the retrieval loss took over its few bottom weights and it never
+  started to read (``jobs/tiny_synth_pretrain.yaml``).
+* ``train.gen_loss_average`` ("token", the usual causal-LM mean): "example" weighs every
+  example the same, whatever its response length (a one-token answer vs a passage copy).
 * ``train.tau_nce`` (1.0), ``tau_t`` (1.0), ``tau_r`` (1.0): dot products of un-normalised
   layer-b projections are already well scaled for small models; raise tau_t to soften
   the LM teacher when answers are long.
@@ -128,6 +132,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     lambda_ret: float = 1.0
+    # How J_gen averages response tokens: "token" = over all response tokens of the batch (long
+    # targets such as passage copies dominate); "example" = each example's mean, then the batch
+    # mean, so a one-token QA answer weighs as much as a 40-token copy.
+    gen_loss_average: Literal["token", "example"] = "token"
     tau_nce: float = 1.0
     tau_t: float = 1.0
     tau_r: float = 1.0

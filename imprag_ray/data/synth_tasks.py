@@ -206,12 +206,17 @@ def build_task_files(world: World, rng: random.Random) -> dict[str, list[tuple[s
     ]
     # Drawn last so that adding it left every other file of a seed unchanged.
     reading = b.reading(rng.sample(pool, len(pool)), "train-reading")
+    # One question per training or distractor person, from its own generator (every other
+    # file stays as it was): a fact asked once cannot be recalled, only read, which is what
+    # lets a small model start reading while it learns to retrieve (imprag model pretrain-base).
+    qa_once = TaskBuilder(world, random.Random(f"qa-once-{rng.random()}")).qa(pool, "train-qa_once", 1)
     return {
         "train": [
             ("train/qa.jsonl", "qa", qa),
             ("train/instruction.jsonl", "instruction", instr),
             ("train/corpus_text.jsonl", "corpus_text", text_rows),
             ("train/reading.jsonl", "instruction", reading),
+            ("train/qa_once.jsonl", "qa", qa_once),
         ],
         "dev": [("dev/qa.jsonl", "qa", dev_qa)],
         "eval": evals,

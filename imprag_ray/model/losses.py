@@ -21,16 +21,26 @@ from torch import Tensor
 NEG_INF = float("-inf")
 
 
-def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """HF-style shifted cross entropy, mean over tokens whose label is not -100.
+def response_nll(logits: Tensor, labels: Tensor, average: str = "token") -> Tensor:
+    """HF-style shifted cross entropy over tokens whose label is not -100.
 
-    logits: [B, L, V]; labels: [B, L]. Also used per candidate (see :func:`answer_loglik`).
+    logits: [B, L, V]; labels: [B, L]. ``average="token"``: mean over all response tokens of
+    the batch; ``"example"``: mean over each row's response tokens, then over the rows that
+    have any (every example weighs the same, whatever its response length).
     """
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-    )
+    if average == "token":
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
+    if average != "example":
+        raise ValueError(f"average must be 'token' or 'example', got {average!r}")
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
+    count = (target != -100).sum(dim=1)
+    rows = count > 0
+    return (nll.sum(dim=1)[rows] / count[rows]).mean()
 
 
 def answer_loglik(logits: Tensor, labels: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from imprag_ray.eval.metrics import score_task
 from imprag_ray.eval.predict import encode_corpus, predict
 from imprag_ray.model.checkpoint import load_tokenizer
 from imprag_ray.model.imprag import ImpRAGConfigError, ImpRAGModel
-from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce
+from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce, response_nll
 from imprag_ray.retrievers.teachers import build_teacher
 from imprag_ray.train.batching import Batch, Item, collate, make_item, make_reading_item
 
@@ -223,9 +223,9 @@ class ImpRAGRecipe:
         self.model.train()
         out = self.model(
             batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
-            labels=batch.labels, query_index=batch.query_index,
+            query_index=batch.query_index,
         )
-        j_gen = out.loss
+        j_gen = response_nll(out.logits, batch.labels, tc.gen_loss_average)
         metrics = {"j_gen": j_gen.item()}
         loss = j_gen
         if bool(batch.retrieval.any()) and not self.closed_book:

@@ -53,6 +53,7 @@ def test_layout_sizes_and_manifest(world):
         "train/instruction.jsonl",
         "train/corpus_text.jsonl",
         "train/reading.jsonl",
+        "train/qa_once.jsonl",
     ]
     assert {e["path"]: e["format"] for e in m["eval"]} == {
         "eval/qa.jsonl": "qa",
@@ -68,7 +69,8 @@ def test_layout_sizes_and_manifest(world):
         assert entry["count"] >= 20
     assert not (world / "train" / "slot_filling.jsonl").exists()
     corpus_text = m["counts"]["train/corpus_text.jsonl"]
-    mix = sum(e["count"] for e in m["train"] if e["path"] != "train/reading.jsonl")  # curriculum apart
+    curricula = ("train/reading.jsonl", "train/qa_once.jsonl")  # drawn apart from the ImpRAG mix
+    mix = sum(e["count"] for e in m["train"] if e["path"] not in curricula)
     assert 0.07 < corpus_text / mix < 0.13
 
 
@@ -185,12 +187,25 @@ def test_reading_curriculum_copies_and_asks_with_the_gold_passage(world):
             assert ex.input.startswith("Q: ") and ex.answers[0] in gold.text
 
 
+def test_qa_once_asks_each_non_held_out_person_one_answerable_question(world):
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    rows = _tasks(world, "train")["train/qa_once.jsonl"]
+    people = [ex.provenance[0] for ex in rows]
+    assert len(people) == len(set(people)) == split_sizes(N)["train"] + split_sizes(N)["distractor"]
+    relations = {ex.meta["relation"] for ex in rows}
+    assert relations == set(V.RELATIONS)
+    for ex in rows:
+        gold = corpus[ex.provenance[0]]
+        assert ex.format == "qa" and gold.title in ex.input and ex.answers[0] in gold.text
+
+
 def test_adding_the_reading_curriculum_left_the_other_files_unchanged(world):
-    # sha256 of the seed-0 JSONL files before train/reading.jsonl existed (it is drawn last),
+    # sha256 of the seed-0 JSONL files before train/reading.jsonl and train/qa_once.jsonl
+    # existed (each is drawn last, from its own generator),
     # so runs and numbers measured on earlier worlds stay comparable.
     digest = hashlib.sha256()
     for path in sorted(world.rglob("*.jsonl")):
-        if path.name != "reading.jsonl":
+        if path.name not in ("reading.jsonl", "qa_once.jsonl"):
             digest.update(str(path.relative_to(world)).encode())
             digest.update(path.read_bytes())
     assert digest.hexdigest() == "188ac1df6a54ff4671041110e8cd404f7891799fc6ac3af67ef1678654eeab66"

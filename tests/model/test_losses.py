@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce
+from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce, response_nll
 
 
 def test_nce_with_several_positives_matches_hand_computation():
@@ -78,3 +78,23 @@ def test_distillation_kl_ignores_queries_without_candidates():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     assert s.grad[1].abs().sum() == 0
+
+
+def test_response_nll_token_and_example_averages_match_hand_computation():
+    # vocab 2, uniform logits except where set; labels shifted by one (HF style)
+    logits = torch.zeros(2, 4, 2)
+    logits[0, 0] = torch.tensor([0.0, math.log(3.0)])  # P(1) = 3/4
+    logits[1, 0] = torch.tensor([math.log(3.0), 0.0])  # P(0) = 3/4
+    labels = torch.tensor([[-100, 1, -100, -100],  # one response token: -log(3/4)
+                           [-100, 0, 1, 1]])  # three: -log(3/4), -log(1/2), -log(1/2)
+    a, b = -math.log(0.75), -math.log(0.5)
+    by_token = (a + a + b + b) / 4
+    by_example = (a + (a + 2 * b) / 3) / 2
+    assert response_nll(logits, labels).item() == pytest.approx(by_token, abs=1e-6)
+    assert response_nll(logits, labels, "example").item() == pytest.approx(by_example, abs=1e-6)
+    # rows without any response token are left out of the example mean
+    empty = torch.cat([labels, torch.full((1, 4), -100)])
+    got = response_nll(torch.cat([logits, torch.zeros(1, 4, 2)]), empty, "example")
+    assert got.item() == pytest.approx(by_example, abs=1e-6)
+    with pytest.raises(ValueError, match="'token' or 'example'"):
+        response_nll(logits, labels, "sequence")

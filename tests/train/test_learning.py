@@ -87,3 +87,42 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
     assert nll_gold < nll_before - 3.0
     assert nll_gold < nll_closed - 1.0
     assert qa1["em"] >= qa0["em"]
+
+
+@pytest.mark.timeout(1200)  # ~2 min on an idle 2-core box
+def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch):
+    """The demo's ImpRAG job, 200 steps from the checked-in base (pretrained on people who are
+    not in this world, ``imprag model pretrain-base``): held-out people's answers come out of the
+    passages the model retrieves itself, far above the untrained model."""
+    import dataclasses
+    from pathlib import Path
+
+    from imprag_ray import demo
+    from imprag_ray.cli import load_train_config
+    from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
+    from imprag_ray.model.presets import tiny
+
+    monkeypatch.chdir(tmp_path)  # the job's runs/demo/... paths
+    demo.prepare(echo=lambda s: None)  # the demo world + a copy of the base in runs/demo/init
+    overrides = ["threads=2", "ray.num_workers=1", "train.epochs=1", "train.warmup_epochs=1",
+                 "train.steps_per_epoch=200", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
+    cfg = load_train_config(demo.ROOT / "jobs/tiny_synth_imprag.yaml", overrides)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.eval[:1]))  # QA
+    world = Path(cfg.data.corpus).parent
+
+    untrained_dir = tmp_path / "untrained"  # the tiny shape at random init, same tokenizer texts
+    init_checkpoint(dataclasses.replace(tiny(), num_passages=1),
+                    tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl"]), untrained_dir, seed=0)
+    untrained = ImpRAGRecipe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(untrained_dir))))
+    untrained.setup()
+    qa_untrained = untrained.evaluate("eval", write=False)["qa"]
+
+    recipe = ImpRAGRecipe(cfg)
+    recipe.setup()
+    for batch in recipe.epoch_batches(0):
+        recipe.train_step(batch)
+    qa = recipe.evaluate("eval", write=False)["qa"]
+    print({"untrained": qa_untrained, "trained": qa})
+    assert qa_untrained["em"] <= 0.02 and qa_untrained["recall@10"] <= 0.05
+    assert qa["recall@10"] >= 0.4 and qa["recall@1"] >= 0.2
+    assert qa["em"] >= 0.12 and qa["em"] >= qa_untrained["em"] + 0.1
