@@ -31,6 +31,7 @@ from torch import Tensor
 from imprag_ray.config.loader import from_dict
 from imprag_ray.config.schema import TrainJobConfig
 from imprag_ray.data.io import write_json_atomic
+from imprag_ray.model.losses import response_nll
 from imprag_ray.pipelines.train_collectives import DistributedModel, all_gather_rows
 from imprag_ray.train.batching import Batch
 from imprag_ray.train.local import JsonlLogger
@@ -127,10 +128,9 @@ class DistributedRecipe(ImpRAGRecipe):
             batch.attention_mask,
             batch.passage_ids,
             batch.passage_mask,
-            labels=batch.labels,
             query_index=batch.query_index,
         )
-        j_gen = out.loss
+        j_gen = response_nll(out.logits, batch.labels, tc.gen_loss_average)  # the pad row has no labels
         metrics = {"j_gen": j_gen.item()}
         loss = j_gen
         if mine:

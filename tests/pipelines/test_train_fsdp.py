@@ -116,6 +116,8 @@ def fsdp_run(tiny_world, tmp_path_factory):
     for spec in d["data"]["train"]:
         spec["limit"] = 40  # a short setup: teacher ranking of 40 QA items
     d["data"]["dev"] = [{**d["data"]["dev"][0], "limit": 4}]
+    # per-example J_gen: FSDP's pad row (no labels) must drop out of the mean, as under DDP
+    d["train"]["gen_loss_average"] = "example"
     (tmp / "job.yaml").write_text(yaml.safe_dump(d))
     args = (str(tmp / "init"), str(tmp), str(tmp / "job.yaml"))
     mp.start_processes(_fsdp_rank_main, args=args, nprocs=2, start_method="spawn")
