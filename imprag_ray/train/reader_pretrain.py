@@ -34,9 +34,12 @@ Measured on the tiny preset shape (b=1, t=4; 2-core box, 1 thread):
 * that init, ``--kinds copy,profile,qa --steps 2000 --gold-only-steps 1000 --lr 1e-3``: QA
   first-token accuracy with the gold passage alone 20% from step 750 on, among k-1 random
   others 9-12%; continued with ``--fresh-facts --seed 1 --steps 2000 --gold-only-steps 500``:
-  gold alone 64% at step 500, among others 8-17% (these two runs are the reading stages of
-  ``imprag model pretrain-base``). From the same init, ``--kinds qa,qa,profile,copy
-  --fresh-facts --gold-only-steps 1500``: 1.5% after 1,500 steps (reading had not started).
+  gold alone 64% at step 500, among others 8-17%. From the same init, ``--kinds
+  qa,qa,profile,copy --fresh-facts --gold-only-steps 1500``: 1.5% after 1,500 steps (reading
+  had not started).
+
+A reader trained this way did not then learn to retrieve (see ``imprag_ray/pipelines/
+pretrain_base.py``); the demo's base is one joint ImpRAG job instead.
 """
 
 from __future__ import annotations
