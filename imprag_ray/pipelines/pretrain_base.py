@@ -128,20 +128,15 @@ def finished_training(cfg) -> tuple[str | None, str | None]:
     return (str(final), str(metrics)) if same else (None, None)
 
 
-def train_seconds(metrics_jsonl: str | Path) -> float:
-    """Seconds the run spent in training steps (its epochs' own clocks; evaluation apart)."""
+def run_summary(metrics_jsonl: str | Path) -> tuple[float, dict | None]:
+    """(seconds the run spent in training steps, by its epochs' own clocks; the last ``dev``
+    entry, None when the job has no dev set) from one read of a run's metrics.jsonl."""
     from imprag_ray.pipelines.train import read_metrics
 
     rows = read_metrics(metrics_jsonl)
-    return round(sum(row.get("train_seconds", 0.0) for row in rows if row.get("event") == "epoch"), 1)
-
-
-def last_dev_metrics(metrics_jsonl: str | Path) -> dict | None:
-    """The last ``dev`` entry of a run's metrics.jsonl (None when the job has no dev set)."""
-    from imprag_ray.pipelines.train import read_metrics
-
-    devs = [{"step": row.get("step"), **row["dev"]} for row in read_metrics(metrics_jsonl) if row.get("dev")]
-    return devs[-1] if devs else None
+    seconds = round(sum(row.get("train_seconds", 0.0) for row in rows if row.get("event") == "epoch"), 1)
+    devs = [{"step": row.get("step"), **row["dev"]} for row in rows if row.get("dev")]
+    return seconds, (devs[-1] if devs else None)
 
 
 def export_base(checkpoint: str | Path, out: Path, manifest: dict) -> None:
@@ -204,6 +199,7 @@ def pretrain_base(out: Path = BASE_DIR, overrides: Sequence[str] = (), echo: Cal
         if run.checkpoint is None:
             raise RuntimeError(f"{JOB}: training ended without a checkpoint")
         checkpoint, metrics = run.checkpoint, run.metrics
+    seconds, dev = run_summary(metrics)
     manifest = {
         "command": COMMAND,
         "job": JOB,
@@ -220,8 +216,8 @@ def pretrain_base(out: Path = BASE_DIR, overrides: Sequence[str] = (), echo: Cal
             "corpus_sha256": corpus_fingerprint(cfg.data.corpus),
         },
         "steps": cfg.train.epochs * (cfg.train.steps_per_epoch or 0),
-        "train_seconds": train_seconds(metrics),
-        "dev": last_dev_metrics(metrics),
+        "train_seconds": seconds,
+        "dev": dev,
         "dtype": "bfloat16",
     }
     export_base(checkpoint, Path(out), manifest)

@@ -113,7 +113,10 @@ def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, m
     untrained_dir = tmp_path / "untrained"  # the tiny shape at random init, same tokenizer texts
     init_checkpoint(dataclasses.replace(tiny(), num_passages=1),
                     tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl"]), untrained_dir, seed=0)
-    untrained = ImpRAGRecipe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(untrained_dir))))
+    # evaluation only: one training item keeps its setup from ranking the whole mix with BM25
+    few = dataclasses.replace(cfg.data, train=(dataclasses.replace(cfg.data.train[0], limit=1),))
+    untrained = ImpRAGRecipe(dataclasses.replace(
+        cfg, data=few, model=dataclasses.replace(cfg.model, path=str(untrained_dir))))
     untrained.setup()
     qa_untrained = untrained.evaluate("eval", write=False)["qa"]
 
