@@ -82,15 +82,9 @@ def plot_results(results: dict[str, dict], recall_ks: tuple[int, ...], png: Path
 
 def _world_files(systems) -> list[Path]:
     """Every data file the demo jobs read (a world from an older version may lack some)."""
-    import yaml
+    from imprag_ray.config.loader import job_data_files
 
-    files = []
-    for _, job, _ in systems:
-        data = yaml.safe_load((ROOT / job).read_text())["data"]
-        files += [Path(data["corpus"])] + [
-            Path(t["path"]) for k in ("train", "dev", "eval") for t in data.get(k, [])
-        ]
-    return files
+    return [f for _, job, _ in systems for f in job_data_files(ROOT / job)]
 
 
 def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:

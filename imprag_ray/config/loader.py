@@ -391,6 +391,13 @@ def load_config(cls: type[T], yaml_path: str | Path, overrides: Iterable[str] = 
         raise err.with_source(source) from None
 
 
+def job_data_files(job: str | Path) -> list[Path]:
+    """The corpus and every task file a job YAML's ``data`` section names, as written there
+    (before validation: for finding what a job will read, e.g. files an older world lacks)."""
+    data = parse_yaml(Path(job).read_text()).get("data") or {}
+    return [Path(data["corpus"])] + [Path(t["path"]) for k in ("train", "dev", "eval") for t in data.get(k) or []]
+
+
 def check_paths(cfg: Any, base_dir: str | Path, path: str = "") -> None:
     """Check that every path field (``metadata={"path": ...}``) of ``cfg`` exists.
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from imprag_ray.config.loader import ConfigError
 
-RETRIEVAL_FORMATS = ("qa", "fact_check", "slot_filling", "entity_linking")
+RETRIEVAL_FORMATS = ("qa", "fact_check", "slot_filling", "entity_linking", "prompt")
 ALL_FORMATS = (*RETRIEVAL_FORMATS, "instruction", "corpus_text")
 
 
@@ -35,7 +35,7 @@ class TaskFile:
     """One KILT-format task file and the template format of its inputs."""
 
     path: str = field(metadata={"path": "file"})
-    format: Literal["qa", "fact_check", "slot_filling", "entity_linking", "instruction", "corpus_text"]
+    format: Literal["qa", "fact_check", "slot_filling", "entity_linking", "prompt", "instruction", "corpus_text"]
     limit: int | None = None  # use only the first N examples
     # Reader context of training items: "teacher" = the teacher retriever's top-k (the
     # ImpRAG recipe); "gold" = the gold passage (provenance) among k-1 random passages, reader

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Formats whose inputs are answered with retrieved passages (paper Table 1).
-RETRIEVAL_FORMATS: tuple[str, ...] = ("qa", "fact_check", "slot_filling", "entity_linking")
+# Formats whose inputs are answered with retrieved passages: the paper's templates (Table 1),
+# and `prompt`, whose input already is the whole prompt (a task with its own instruction).
+RETRIEVAL_FORMATS: tuple[str, ...] = ("qa", "fact_check", "slot_filling", "entity_linking", "prompt")
 # Retrieval-free training formats: `instruction` inputs are already the full prompt;
 # `corpus_text` examples are plain LM text (empty input, the text is the answer).
 RETRIEVAL_FREE_FORMATS: tuple[str, ...] = ("instruction", "corpus_text")

@@ -113,6 +113,51 @@ class TaskBuilder:
             rows.append(_row(f"{prefix}-{i:05d}", text, p.name, p, {"relation": "alias", "mentions": 2}))
         return rows
 
+    def qa_varied(self, people: list[Person], asked: list[str], prefix: str) -> list[dict[str, Any]]:
+        """One question per person as a whole prompt (format ``prompt``): a question (framed by
+        other people as in QA) or a request without a question mark, sometimes with other people
+        mentioned after it, inside instruction text before and/or after it, with or without the
+        QA template's "Q:", always ending in " A:". The target is thus not always the name
+        before the last "?", nor never the first name of the prompt: QA alone taught the tiny
+        model those shortcuts (measured: "{entity} [SEP] {relation} A:" recall@1 7%, the same
+        with "Q: " in front 62%).
+
+        ``asked[i]`` is the relation already asked about ``people[i]`` elsewhere (qa_once):
+        this question asks another one, so each fact is still asked once. Without such items
+        the implicit query is learned for the "Q: ... ? A:" surface only: one instruction
+        sentence after the question dropped the demo model's QA recall@10 from 75.5% to 7%
+        (measured). There are no "who is known as {alias}?" items: training people share
+        aliases (only held-out aliases are unique), so the BM25 teacher's top-1 was the
+        asked person for 3.6% of them (measured on the demo world), and the rest would train
+        retrieval and reading on the wrong passage.
+        """
+        rows = []
+        for i, (p, done) in enumerate(zip(people, asked, strict=True)):
+            rel = self.rng.choice([r for r in V.RELATIONS if r != done])
+            answer, meta = p.facts[rel], {"relation": rel}
+            if self.rng.random() < 0.5:
+                text, mentions = self.question(p, rel)
+            else:
+                text, mentions = self.rng.choice(V.REQUESTS[rel]).format(name=p.name), 1
+            if self.rng.random() < 0.25:
+                o = self._others(p, 2)
+                frame = self.rng.choice(V.AFTER_FRAMES)
+                text = frame.format(q=text, o1=o[0], o2=o[1], c2=self._other_city(p))
+                mentions += frame.count("{o")
+            if text.startswith(p.name) and self.rng.random() < 0.5:
+                # A prompt may open with the person's name, as slot-filling inputs do: keep
+                # some so, with nothing before the name.
+                rows.append(_row(f"{prefix}-{i:05d}", text + " A:", answer, p, {**meta, "mentions": mentions}))
+                continue
+            text = self.rng.choice(("", "", "Q: ")) + text
+            r = self.rng.random()
+            if 0.2 <= r < 0.5 or r >= 0.8:
+                text = self.rng.choice(V.QUESTION_PREFIXES) + text
+            if r >= 0.5:
+                text = text + self.rng.choice(V.QUESTION_SUFFIXES)
+            rows.append(_row(f"{prefix}-{i:05d}", text + " A:", answer, p, {**meta, "mentions": mentions}))
+        return rows
+
     # ---- retrieval-free instruction data -----------------------------------------------
     def instruction(self, pool: list[Person], n: int, prefix: str) -> list[dict[str, Any]]:
         rows = []
@@ -210,6 +255,11 @@ def build_task_files(world: World, rng: random.Random) -> dict[str, list[tuple[s
     # file stays as it was): a fact asked once cannot be recalled, only read, which is what
     # lets a small model start reading while it learns to retrieve (imprag model pretrain-base).
     qa_once = TaskBuilder(world, random.Random(f"qa-once-{rng.random()}")).qa(pool, "train-qa_once", 1)
+    # The same people asked about another relation, inside instruction text.
+    asked = [row["meta"]["relation"] for row in qa_once]
+    qa_varied = TaskBuilder(world, random.Random(f"qa-varied-{rng.random()}")).qa_varied(
+        pool, asked, "train-qa_varied"
+    )
     return {
         "train": [
             ("train/qa.jsonl", "qa", qa),
@@ -217,6 +267,7 @@ def build_task_files(world: World, rng: random.Random) -> dict[str, list[tuple[s
             ("train/corpus_text.jsonl", "corpus_text", text_rows),
             ("train/reading.jsonl", "instruction", reading),
             ("train/qa_once.jsonl", "qa", qa_once),
+            ("train/qa_varied.jsonl", "prompt", qa_varied),
         ],
         "dev": [("dev/qa.jsonl", "qa", dev_qa)],
         "eval": evals,

@@ -255,6 +255,47 @@ LONG_WRAPS: tuple[str, ...] = (
     "Answer with one word. {body}",
 )
 
+# ---- wrappers of retrieval-training questions (train/qa_varied.jsonl) ------------------
+# Instruction text before or after the question, so that the implicit query is learned for
+# a need inside a longer prompt. None of it is the wording of an eval template: the
+# slot-filling, fact-check and entity-linking instructions stay unseen.
+QUESTION_PREFIXES: tuple[str, ...] = (
+    "Answer the question below. ",
+    "Here is a question about one person. ",
+    "Use what the records say about the person who is asked about. ",
+    "A reader wants to know a single fact. ",
+    "Please help with the following question, which is about one person only. ",
+    "Can you help? ",
+    "Do you know this one? Think about the records. ",
+    "Here is a request. Can you do it? ",
+    "Is the answer known? Look it up. ",
+)
+QUESTION_SUFFIXES: tuple[str, ...] = (
+    " Answer with one word.",
+    " Reply with the value only and no other words.",
+    " Give a short answer taken from the record of the person who is asked about.",
+    " The answer is a single name, place, trade, guild, river or year from that person's record.",
+    " Write only the answer, as briefly as you can, without repeating the question or explaining it.",
+)
+# The need as a request: no question mark, the person named first, mid-way or last.
+REQUESTS: dict[str, tuple[str, ...]] = {
+    "birthplace": ("Tell me the home town of {name}.", "{name} was born somewhere; name the city.",
+                   "{name}, home town please.", "Name the city where {name} was born."),
+    "occupation": ("Tell me what {name} did for a living.", "{name} had a trade; name it.",
+                   "{name}, trade please.", "Name the trade of {name}."),
+    "employer": ("Tell me which guild {name} worked for.", "{name} belonged to a guild; name it.",
+                 "{name}, guild please.", "Name the guild of {name}."),
+    "river": ("Tell me the river near the house of {name}.", "{name} lived by a river; name it.",
+              "{name}, home river please.", "Name the river that ran past the home of {name}."),
+    "birth_year": ("Tell me the year {name} was born.", "{name} was born in some year; give it.",
+                   "{name}, year born please.", "Give the birth year of {name}."),
+}
+# Other people mentioned after the need (the frames of QA put them before it).
+AFTER_FRAMES: tuple[str, ...] = (
+    "{q} {o1} asked this in {c2}.",
+    "{q} {o1} and {o2} argued about it in {c2}.",
+)
+
 # ---- claims (fact checking); every claim starts with {name} -----------------------
 CLAIMS: dict[str, tuple[str, ...]] = {
     "birthplace": ("{name} was born in the city of {v}.", "{name} comes from {v}."),

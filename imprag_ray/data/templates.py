@@ -24,7 +24,8 @@ TEMPLATES: dict[str, str] = {
     "fact_check": "Is this statement true? {input} A:",
     "slot_filling": "{input} " + SLOT_FILLING_INSTRUCTION + " A:",
     "entity_linking": "{input} " + ENTITY_LINKING_INSTRUCTION + " A:",
-    "instruction": "{input}",  # the input already is the full prompt
+    "prompt": "{input}",  # the input already is the full prompt; answered with passages
+    "instruction": "{input}",  # the input already is the full prompt; no passages
     "corpus_text": "",  # plain LM text: no prompt, the whole text is the target
 }
 

@@ -12,7 +12,7 @@ import pytest
 from imprag_ray.data import synth_vocab as V
 from imprag_ray.data.readers import read_corpus, read_tasks
 from imprag_ray.data.synth import split_sizes, synthesize
-from imprag_ray.data.templates import format_prompt
+from imprag_ray.data.templates import ENTITY_LINKING_INSTRUCTION, SLOT_FILLING_INSTRUCTION, format_prompt
 from imprag_ray.eval.metrics import answer_in_text
 
 N = 400
@@ -54,6 +54,7 @@ def test_layout_sizes_and_manifest(world):
         "train/corpus_text.jsonl",
         "train/reading.jsonl",
         "train/qa_once.jsonl",
+        "train/qa_varied.jsonl",
     ]
     assert {e["path"]: e["format"] for e in m["eval"]} == {
         "eval/qa.jsonl": "qa",
@@ -69,7 +70,8 @@ def test_layout_sizes_and_manifest(world):
         assert entry["count"] >= 20
     assert not (world / "train" / "slot_filling.jsonl").exists()
     corpus_text = m["counts"]["train/corpus_text.jsonl"]
-    curricula = ("train/reading.jsonl", "train/qa_once.jsonl")  # drawn apart from the ImpRAG mix
+    # drawn apart from the ImpRAG mix
+    curricula = ("train/reading.jsonl", "train/qa_once.jsonl", "train/qa_varied.jsonl")
     mix = sum(e["count"] for e in m["train"] if e["path"] not in curricula)
     assert 0.07 < corpus_text / mix < 0.13
 
@@ -199,13 +201,33 @@ def test_qa_once_asks_each_non_held_out_person_one_answerable_question(world):
         assert ex.format == "qa" and gold.title in ex.input and ex.answers[0] in gold.text
 
 
+def test_qa_varied_asks_each_person_about_another_fact_in_varied_prompts(world):
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    tasks = _tasks(world, "train")
+    once = {ex.provenance[0]: ex.meta["relation"] for ex in tasks["train/qa_once.jsonl"]}
+    rows = tasks["train/qa_varied.jsonl"]
+    assert [ex.provenance[0] for ex in rows] == list(once)  # the same people, in the same order
+    eval_wording = (SLOT_FILLING_INSTRUCTION, ENTITY_LINKING_INSTRUCTION, "[SEP]", "[START]", "Is this statement")
+    for ex in rows:
+        gold = corpus[ex.provenance[0]]
+        assert ex.format == "prompt" and format_prompt(ex) == ex.input and ex.input.endswith(" A:")
+        assert ex.meta["relation"] != once[gold.id]  # each fact is asked once over both files
+        assert not any(w in ex.input for w in eval_wording)
+        assert gold.title in ex.input and ex.answers[0] in gold.text
+    share = lambda pred: sum(map(pred, rows)) / len(rows)  # noqa: E731
+    assert 0.05 < share(lambda ex: ex.input.startswith(corpus[ex.provenance[0]].title)) < 0.3  # the name opens it
+    assert 0.25 < share(lambda ex: ex.input.startswith(V.QUESTION_PREFIXES)) < 0.75
+    assert 0.25 < share(lambda ex: ex.input[: -len(" A:")].endswith(V.QUESTION_SUFFIXES)) < 0.75
+    assert 0.1 < share(lambda ex: "Q: " in ex.input) < 0.6
+
+
 def test_adding_the_reading_curriculum_left_the_other_files_unchanged(world):
-    # sha256 of the seed-0 JSONL files before train/reading.jsonl and train/qa_once.jsonl
-    # existed (each is drawn last, from its own generator),
+    # sha256 of the seed-0 JSONL files before train/reading.jsonl, train/qa_once.jsonl and
+    # train/qa_varied.jsonl existed (each is drawn last, from its own generator),
     # so runs and numbers measured on earlier worlds stay comparable.
     digest = hashlib.sha256()
     for path in sorted(world.rglob("*.jsonl")):
-        if path.name not in ("reading.jsonl", "qa_once.jsonl"):
+        if path.name not in ("reading.jsonl", "qa_once.jsonl", "qa_varied.jsonl"):
             digest.update(str(path.relative_to(world)).encode())
             digest.update(path.read_bytes())
     assert digest.hexdigest() == "188ac1df6a54ff4671041110e8cd404f7891799fc6ac3af67ef1678654eeab66"

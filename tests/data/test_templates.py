@@ -34,6 +34,11 @@ def _ex(fmt: str, text: str, answers=("Velmora",)) -> TaskExample:
             "mentioned between [START] and [END] in the given text A:",
         ),
         (
+            "prompt",
+            "Ilsa Dren, home town please. Answer with one word. A:",
+            "Ilsa Dren, home town please. Answer with one word. A:",
+        ),
+        (
             "instruction",
             "Passage: x. Write the sentence that comes next. A:",
             "Passage: x. Write the sentence that comes next. A:",

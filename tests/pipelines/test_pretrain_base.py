@@ -37,9 +37,15 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
         check_base_matches_world(out, tmp_path / "other")
     assert not list(tmp_path.glob("*.tmp*"))
     # a rerun with the same settings skips training; another setting trains again
+    # (a pretraining world of an older version, lacking a file the job reads, is rewritten)
+    varied = tmp_path / "runs/pretrain/world/train/qa_varied.jsonl"
+    want_varied = varied.read_bytes()
+    varied.unlink()
     lines: list[str] = []
     again = pretrain_base(tmp_path / "again", overrides, echo=lines.append)
     assert sum("is done with these settings" in line for line in lines) == 1, lines
+    assert any("synthesising the pretraining world" in line for line in lines)
+    assert varied.read_bytes() == want_varied
     assert again["pretraining_world"] == manifest["pretraining_world"]
     lines.clear()
     pretrain_base(tmp_path / "third", [*overrides, "train.lr=5e-4"], echo=lines.append)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -47,11 +48,17 @@ def test_warmup_negatives_exclude_the_teachers_near_top(setup):
     a = make_item(_example(0), tok, RANKING, rng=random.Random(0), **ARGS)
     b = make_item(_example(1), tok, RANKING[5:] + RANKING[:5], rng=random.Random(1), **ARGS)
     plain = make_item(TaskExample("i", "Say hi", ("hi",), (), "instruction"), tok, None, rng=random.Random(0), **ARGS)
-    batch = collate([a, plain, b], store, 3, tok.pad_token_id, with_passages=True, stage="warmup")
-    assert batch.retrieval.tolist() == [True, False, True]
+    # a whole prompt that needs a passage ("prompt" format) trains retrieval; "instruction" does not
+    prompt = TaskExample("w", "Elfen Arkra, home town please. A:", ("Caselva",), ("p00000",), "prompt")
+    wrapped = make_item(prompt, tok, RANKING, rng=random.Random(2), **ARGS)
+    assert wrapped.retrieval and wrapped.positives == RANKING[:1]
+    assert not make_item(dataclasses.replace(prompt, format="instruction"), tok, RANKING, rng=random.Random(2),
+                         **ARGS).retrieval
+    batch = collate([a, plain, b, wrapped], store, 3, tok.pad_token_id, with_passages=True, stage="warmup")
+    assert batch.retrieval.tolist() == [True, False, True, True]
     assert batch.passage_mask[1].sum() == 0 and batch.passage_mask[0].sum() > 0
     pool = batch.pool_ids
-    assert set(pool) == set(a.positives + a.hard_negatives + b.positives + b.hard_negatives)
+    assert set(pool) == set(a.positives + a.hard_negatives + b.positives + b.hard_negatives + wrapped.hard_negatives)
     pos_b = pool.index(b.positives[0])  # rank 5 for query a: neither positive nor negative
     assert not batch.positive[0, pos_b] and not batch.negative[0, pos_b]
     assert batch.positive[1, pos_b] and not batch.negative[1, pos_b]
