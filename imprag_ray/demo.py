@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/demo")
 WORLD = OUT / "world"
 INIT = OUT / "init"
-INIT_MARK = "demo_init.json"  # which start INIT holds: {"from": "base" | "random"}
+INIT_MARK = "demo_init.json"  # which start INIT holds: {"from": "base" | "random", "base_sha256"}
 BASE = ROOT / "imprag_ray" / "assets" / "tiny_synth_base"  # `imprag model pretrain-base`, bf16
 # (row name, job file, retriever used at inference)
 SYSTEMS = (
@@ -100,13 +100,14 @@ def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
         shutil.rmtree(INIT, ignore_errors=True)  # its tokenizer belongs to the old world
         echo(f"[demo] synthesising the world into {WORLD}")
         synthesize(WORLD, seed=0, n_passages=5000, overwrite=WORLD.exists())
-    start = "random" if base is None else "base"
+    start = {"from": "random"} if base is None else {"from": "base", "base_sha256": _dir_sha256(Path(base))}
     try:
-        held = json.loads((INIT / INIT_MARK).read_text()).get("from")
-    except (OSError, ValueError):
+        mark = json.loads((INIT / INIT_MARK).read_text())
+        held = {k: mark.get(k) for k in start}
+    except (OSError, ValueError, AttributeError):
         held = None
     if held == start and (INIT / "model.safetensors").exists():
-        return
+        return  # (a base that changed since, e.g. a rebuilt checked-in one, is copied again)
     if base is not None:
         check_base_matches_world(base, WORLD)
     shutil.rmtree(INIT, ignore_errors=True)
@@ -119,7 +120,17 @@ def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
         with atomic_dir(INIT) as tmp:
             for f in Path(base).iterdir():
                 shutil.copy2(f, Path(tmp) / f.name)
-    write_json_atomic(INIT / INIT_MARK, {"from": start, "base": None if base is None else str(base)})
+    write_json_atomic(INIT / INIT_MARK, {**start, "base": None if base is None else str(base)})
+
+
+def _dir_sha256(directory: Path) -> str:
+    """sha256 over a checkpoint directory's file names and bytes (a few MB for the tiny base)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
 
 
 def _fresh(path: str) -> None:

@@ -31,6 +31,22 @@ def test_prepare_starts_from_the_checked_in_base_or_a_random_init(tmp_path, monk
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
     assert (Path(demo.WORLD) / "train/qa_once.jsonl").is_file()  # every file the demo jobs read
 
+    import shutil
+
+    rebuilt = tmp_path / "rebuilt_base"  # the same base rebuilt (other weights): copied again
+    shutil.copytree(demo.BASE, rebuilt)
+    demo.prepare(echo=lambda s: None, base=rebuilt)
+    assert (init / "base.json").read_bytes() == (rebuilt / "base.json").read_bytes()
+    manifest = json.loads((rebuilt / "base.json").read_text())
+    (rebuilt / "base.json").write_text(json.dumps({**manifest, "steps": manifest["steps"] + 1}))
+    lines: list[str] = []
+    demo.prepare(echo=lines.append, base=rebuilt)
+    assert any("starting from the pretrained base" in line for line in lines)
+    assert json.loads((init / "base.json").read_text())["steps"] == manifest["steps"] + 1
+    lines.clear()
+    demo.prepare(echo=lines.append, base=rebuilt)  # unchanged: kept
+    assert lines == []
+
     demo.prepare(echo=lambda s: None, base=None)  # --from-scratch swaps the start
     assert json.loads((init / demo.INIT_MARK).read_text())["from"] == "random"
     assert not (init / "base.json").exists()

@@ -119,8 +119,8 @@ class TaskBuilder:
         mentioned after it, inside instruction text before and/or after it, with or without the
         QA template's "Q:", always ending in " A:". The target is thus not always the name
         before the last "?", nor never the first name of the prompt: QA alone taught the tiny
-        model those shortcuts (measured: "{entity} [SEP] {relation} A:" recall@1 7%, the same
-        with "Q: " in front 62%).
+        model those shortcuts (measured on the demo model: fact-check claims recall@1 2.5% in
+        their template "Is this statement true? {claim} A:", 35.5% as "Q: {claim} A:").
 
         ``asked[i]`` is the relation already asked about ``people[i]`` elsewhere (qa_once):
         this question asks another one, so each fact is still asked once. Without such items

@@ -34,8 +34,9 @@ accuracy with the gold passage alone, "retrieval" = dev QA recall with the model
   (715 s of training): pretraining-world dev QA EM 32% (top-1 passage), recall@1/4/10
   51/66/81%; on the demo world's held-out people recall@1/10 QA 51/82%, fact-check template
   22/48%, slot-filling template 0/2% (its inputs open with the name: another token then);
-* + qa_varied (a second question per person inside varied instruction text): dev EM 9%,
-  recall@1/10 35/61% at 3,000 steps (both skills slower);
+* + qa_varied (a second question per person inside varied instruction text; that run also
+  had "who is known as {alias}?" items, since dropped): dev EM 9%, recall@1/10 35/61% at
+  3,000 steps (both skills slower);
 * + the prefix space (this job, 1,024 s of training): dev EM 19%, recall@1/4/10 62/84/90%;
   demo world held-out recall@1/10 QA 67/92%, fact-check template 59/76%, slot-filling
   template 27/69.5%; entity linking stays 0% (aliases are not retrieved);

@@ -91,9 +91,10 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
 
 @pytest.mark.timeout(1200)  # ~2 min on an idle 2-core box
 def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch):
-    """The demo's ImpRAG job, 200 steps from the checked-in base (pretrained on people who are
+    """The demo's ImpRAG job, 300 steps from the checked-in base (pretrained on people who are
     not in this world, ``imprag model pretrain-base``): held-out people's answers come out of the
-    passages the model retrieves itself, far above the untrained model."""
+    passages the model retrieves itself, far above the untrained model (measured: EM 16%,
+    recall@1/4/10 46/73/83%; 200 steps gave EM 13%)."""
     import dataclasses
     from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, m
     monkeypatch.chdir(tmp_path)  # the job's runs/demo/... paths
     demo.prepare(echo=lambda s: None)  # the demo world + a copy of the base in runs/demo/init
     overrides = ["threads=2", "ray.num_workers=1", "train.epochs=1", "train.warmup_epochs=1",
-                 "train.steps_per_epoch=200", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
+                 "train.steps_per_epoch=300", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
     cfg = load_train_config(demo.ROOT / "jobs/tiny_synth_imprag.yaml", overrides)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.eval[:1]))  # QA
     world = Path(cfg.data.corpus).parent
