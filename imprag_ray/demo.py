@@ -124,7 +124,11 @@ def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
 
 
 def _dir_sha256(directory: Path) -> str:
-    """sha256 over a checkpoint directory's file names and bytes (a few MB for the tiny base)."""
+    """sha256 over a checkpoint directory's file names and bytes (a few MB for the tiny base).
+
+    Not :func:`~imprag_ray.model.checkpoint.checkpoint_hash`, which covers weights and configs
+    only: the demo copies the whole base, and a base can change in its tokenizer.json or
+    base.json alone (this version's decoder fix changed only tokenizer.json)."""
     import hashlib
 
     digest = hashlib.sha256()
