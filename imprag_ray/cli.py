@@ -64,7 +64,7 @@ def _add_model(sub) -> None:
     )
     s.add_argument("--out", type=Path, default=None,
                    help="where the bf16 base goes (default: runs/pretrain/base)")
-    s.add_argument("overrides", nargs="*", help="key.sub=value applied to the pretraining job")
+    s.add_argument("overrides", nargs="*", help="key.sub=value applied to both pretraining stages' jobs")
     s.set_defaults(func=cmd_model_pretrain_base)
 
 

@@ -339,3 +339,76 @@ SLOT_NAMES_PROFILE: dict[str, str] = {  # not the slot-filling names: that forma
     "river": "river",
     "birth_year": "born",
 }
+
+# ---- verification and look-up requests answered from retrieved passages -------------
+# (train/tasks_varied.jsonl). The task kinds of fact checking, slot filling and entity
+# linking in other words than their eval templates: no "Is this statement true?", no "[SEP]",
+# no part of the slot-filling or entity-linking instructions, no "[START]"/"[END]". A test
+# checks it.
+VERIFY_BEFORE: tuple[str, ...] = (  # the cue before the claim, as the fact-check template has it
+    "True or false? {claim}",
+    "Does the record support this? {claim}",
+    "Check this claim about one person. {claim}",
+    "Someone said the following. Is it right? {claim}",
+    "Please verify: {claim}",
+    "Is the next sentence correct? {claim}",
+)
+VERIFY_AFTER: tuple[str, ...] = (  # the cue after the claim
+    "{claim} True or false?",
+    "{claim} Is that right?",
+    "{claim} Is this correct? Answer true or false.",
+    "{claim} Does the record agree?",
+    "Claim: {claim} Verdict?",
+    "{claim} Right or not?",
+)
+# Relation labels of look-up requests. The slot-filling relation name (SLOT_NAMES) is one of
+# five: it is vocabulary a pretrained LLM has ("occupation", "employer" appear nowhere else in
+# the world, so no model could map them), while the slot-filling format (entity [SEP] relation
+# + its instruction) stays unseen. Measured on a base continued with look-ups whose labels
+# left the names out: gold-passage EM 41% as "{name} | birth year", 11% as
+# "{name} | year of birth".
+SLOT_LABELS: dict[str, tuple[str, ...]] = {
+    rel: (*labels, SLOT_NAMES[rel])
+    for rel, labels in {
+        "birthplace": ("birthplace", "home town", "city of origin", "born where"),
+        "occupation": ("trade", "job", "profession", "line of work"),
+        "employer": ("guild", "guild served", "hired by", "works for"),
+        "river": ("river", "home river", "river by the house", "river close by"),
+        "birth_year": ("birth year", "year born", "born when", "born in year"),
+    }.items()
+}
+SLOT_FORMS: tuple[str, ...] = (
+    "{name} | {label}",
+    "{name} -- {label}?",
+    "{name} :: {label}. Give the value from the record of this person.",
+    "Entity: {name}. Attribute: {label}. What is its value?",
+    "{name} ({label})",
+    "Look up {label} for {name}.",
+    "{name} / {label}. The part after the slash names what to give for the person before it.",
+    "Record of {name}, field {label}.",
+)
+# Instruction text after half of the look-ups (with QUESTION_SUFFIXES): measured on that base,
+# the slot-filling instruction after "{name} [SEP] {relation}" cut recall@1 from 95.5% to 19.5%.
+LOOKUP_SUFFIXES: tuple[str, ...] = (
+    " Give the value of the named field for the person named first.",
+    " Reply with the value from that person's record and nothing else.",
+    " The words after the mark name a field; answer with that field's value for the person before the mark.",
+    " Find the person in the records and return what the field asks for, in one or two words.",
+)
+# Who is meant by an alias: training aliases are shared by 3-4 people, so each request adds a
+# fact that tells them apart. No "[START]"/"[END]" markers and no "Wikipedia page title".
+LINK_FACTS: dict[str, str] = {
+    "birthplace": "was born in {v}",
+    "occupation": "worked as a {v}",
+    "employer": "served the {v} guild",
+    "river": "lived by the river {v}",
+    "birth_year": "was born in the year {v}",
+}
+LINK_FORMS: tuple[str, ...] = (
+    "Who is the person called {alias} who {fact}?",
+    "Someone known as {alias} {fact}. Name this person.",
+    "{o1} met the one they call {alias}, who {fact}. Give the full name of {alias}.",
+    "Which person goes by {alias} and {fact}?",
+    "The nickname {alias} belongs to someone who {fact}. Whose nickname is it?",
+    "In {c2}, {o1} spoke with {alias}, who {fact}. Who is {alias}?",
+)

@@ -55,6 +55,7 @@ def test_layout_sizes_and_manifest(world):
         "train/reading.jsonl",
         "train/qa_once.jsonl",
         "train/qa_varied.jsonl",
+        "train/tasks_varied.jsonl",
     ]
     assert {e["path"]: e["format"] for e in m["eval"]} == {
         "eval/qa.jsonl": "qa",
@@ -71,7 +72,7 @@ def test_layout_sizes_and_manifest(world):
     assert not (world / "train" / "slot_filling.jsonl").exists()
     corpus_text = m["counts"]["train/corpus_text.jsonl"]
     # drawn apart from the ImpRAG mix
-    curricula = ("train/reading.jsonl", "train/qa_once.jsonl", "train/qa_varied.jsonl")
+    curricula = ("train/reading.jsonl", "train/qa_once.jsonl", "train/qa_varied.jsonl", "train/tasks_varied.jsonl")
     mix = sum(e["count"] for e in m["train"] if e["path"] not in curricula)
     assert 0.07 < corpus_text / mix < 0.13
 
@@ -221,13 +222,75 @@ def test_qa_varied_asks_each_person_about_another_fact_in_varied_prompts(world):
     assert 0.1 < share(lambda ex: "Q: " in ex.input) < 0.6
 
 
+@pytest.fixture(scope="module")
+def demo_size_world(tmp_path_factory) -> Path:
+    """The demo's size: training aliases are shared by 3-4 people only at this size."""
+    out = tmp_path_factory.mktemp("synth5k") / "world"
+    synthesize(out, seed=0, n_passages=5000)
+    return out
+
+
+def test_tasks_varied_verifies_looks_up_and_links_in_other_words_than_the_eval(demo_size_world):
+    world = demo_size_world
+    corpus = {p.id: p for p in read_corpus(world / "corpus.jsonl")}
+    tasks = _tasks(world, "train")
+    asked: dict[str, set[str]] = {}
+    for name in ("train/qa_once.jsonl", "train/qa_varied.jsonl"):
+        for ex in tasks[name]:
+            asked.setdefault(ex.provenance[0], set()).add(ex.meta["relation"])
+    rows = tasks["train/tasks_varied.jsonl"]
+    verify, lookup, link = rows[0::3], rows[1::3], rows[2::3]
+    assert [ex.provenance[0] for ex in verify] == [ex.provenance[0] for ex in lookup] == list(asked)
+    assert [ex.provenance[0] for ex in link] == list(asked)
+    for kind, exs in (("verify", verify), ("lookup", lookup), ("link", link)):
+        assert {ex.meta["task"] for ex in exs} == {kind}
+    eval_wording = (SLOT_FILLING_INSTRUCTION, ENTITY_LINKING_INSTRUCTION, "[SEP]", "[START]", "Is this statement")
+    labels_seen: set[str] = set()
+    alias_of = {p.id: re.search(r"(?:known as|called) (\w+)", p.text).group(1) for p in corpus.values()}
+    bearers: dict[str, list[str]] = {}
+    for pid, alias in alias_of.items():
+        bearers.setdefault(alias, []).append(pid)
+    shared = 0
+    for v, lk, li in zip(verify, lookup, link, strict=True):
+        gold = corpus[v.provenance[0]]
+        # each fact is asked once over qa_once, qa_varied and this file
+        assert len({*asked[gold.id], v.meta["relation"], lk.meta["relation"]}) == 4
+        for ex in (v, lk, li):
+            assert ex.format == "prompt" and format_prompt(ex) == ex.input and ex.input.endswith(" A:")
+            assert not any(w in ex.input for w in eval_wording)
+        assert gold.title in v.input and gold.title in lk.input
+        labels_seen.add(max((x for x in V.SLOT_LABELS[lk.meta["relation"]] if x in lk.input), key=len))
+        assert lk.answers[0] in gold.text
+        # a true claim holds its person's value, a false one another value of that relation
+        claims = [c.format(name=gold.title, v="(\\w+)") for c in V.CLAIMS[v.meta["relation"]]]
+        value = next(m for c in claims if (m := re.search(c.replace(".", "\\."), v.input))).group(1)
+        in_passage = re.search(rf"\b{value}\b", gold.text) is not None
+        assert in_passage == (v.answers[0] == "true"), (v.input, gold.text)
+        # linking: the alias and a fact, not the name; the fact tells the alias's bearers apart
+        assert li.answers == (gold.title,) and gold.title not in li.input and alias_of[gold.id] in li.input
+        fact = re.search(r"(?:born in(?: the year)?|worked as a|served the|lived by the river) (\w+)", li.input)
+        assert fact and fact.group(1) in gold.text, li.input
+        others = [corpus[pid] for pid in bearers[alias_of[gold.id]] if pid != gold.id]
+        assert not any(re.search(rf"\b{fact.group(1)}\b", o.text) for o in others), li.input
+        shared += bool(others)
+    assert shared > len(link) / 2  # most training aliases have other bearers
+    assert set(V.SLOT_NAMES.values()) <= labels_seen  # the relation names, not the format
+    suffixed = sum(ex.input[: -len(" A:")].endswith(V.LOOKUP_SUFFIXES + V.QUESTION_SUFFIXES) for ex in lookup)
+    assert 0.35 < suffixed / len(lookup) < 0.65
+    labels = [ex.answers[0] for ex in verify]
+    assert abs(labels.count("true") - labels.count("false")) <= 1
+    cue_first = sum(ex.input.startswith(tuple(c.split("{")[0] for c in V.VERIFY_BEFORE)) for ex in verify)
+    assert 0.3 < cue_first / len(verify) < 0.7  # the cue before the claim (as in fact checking) or after it
+
+
 def test_adding_the_reading_curriculum_left_the_other_files_unchanged(world):
     # sha256 of the seed-0 JSONL files before train/reading.jsonl, train/qa_once.jsonl and
-    # train/qa_varied.jsonl existed (each is drawn last, from its own generator),
+    # train/qa_varied.jsonl and train/tasks_varied.jsonl existed (each is drawn last, from its
+    # own generator),
     # so runs and numbers measured on earlier worlds stay comparable.
     digest = hashlib.sha256()
     for path in sorted(world.rglob("*.jsonl")):
-        if path.name not in ("reading.jsonl", "qa_once.jsonl", "qa_varied.jsonl"):
+        if path.name not in ("reading.jsonl", "qa_once.jsonl", "qa_varied.jsonl", "tasks_varied.jsonl"):
             digest.update(str(path.relative_to(world)).encode())
             digest.update(path.read_bytes())
     assert digest.hexdigest() == "188ac1df6a54ff4671041110e8cd404f7891799fc6ac3af67ef1678654eeab66"

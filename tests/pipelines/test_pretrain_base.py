@@ -24,7 +24,14 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     manifest = pretrain_base(out, overrides, echo=lambda s: None)
     assert read_manifest(out) == manifest
     assert manifest["demo_world"]["n_passages"] == 400 and manifest["pretraining_world"]["n_passages"] == 300
-    assert manifest["steps"] == 2 and manifest["dev"] is None  # no dev set in this short run
+    assert manifest["steps"] == 4 and manifest["dev"] is None  # 2 steps per stage; no dev set
+    assert [st["job"] for st in manifest["stages"]] == ["tiny-synth-pretrain", "tiny-synth-pretrain-tasks"]
+    # stage 2 went on from stage 1's bf16 export, with the tasks the unseen formats need
+    stage1 = tmp_path / "runs/pretrain/stage1"
+    assert read_manifest(stage1)["stage"]["job"] == "tiny-synth-pretrain"
+    saved = json.loads(next((tmp_path / "runs/pretrain/train_tasks").rglob("job_config.json")).read_text())
+    assert saved["model"]["path"] == str(stage1)
+    assert any(e["path"].endswith("train/tasks_varied.jsonl") for e in saved["data"]["train"])
     assert (tmp_path / "runs/pretrain/world/world.json").exists()
     assert json.loads((tmp_path / "runs/pretrain/world/world.json").read_text())["disjoint_from"]["seed"] == 0
     model = ImpRAGModel.from_pretrained(out, dtype=torch.bfloat16)
@@ -43,7 +50,7 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     varied.unlink()
     lines: list[str] = []
     again = pretrain_base(tmp_path / "again", overrides, echo=lines.append)
-    assert sum("is done with these settings" in line for line in lines) == 1, lines
+    assert sum("is done with these settings" in line for line in lines) == 2, lines  # both stages
     assert any("synthesising the pretraining world" in line for line in lines)
     assert varied.read_bytes() == want_varied
     assert again["pretraining_world"] == manifest["pretraining_world"]
