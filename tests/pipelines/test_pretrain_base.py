@@ -38,6 +38,17 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     assert next(model.parameters()).dtype == torch.bfloat16
     assert (model.imprag_config.retrieval_layer, model.l_max, model.k) == (1, 48, 1)
     assert not model.lm.config.tie_word_embeddings
+    # tokens no text of either world uses (template words) carry the mean of the used rows
+    from imprag_ray.model.checkpoint import load_tokenizer, used_token_ids
+
+    tok = load_tokenizer(out)
+    used = used_token_ids(tok, pb.world_texts([tmp_path / "runs/demo/world", tmp_path / "runs/pretrain/world"]))
+    table = model.lm.get_input_embeddings().weight.float()
+    unused = [i for i in range(table.shape[0]) if i not in used]
+    assert manifest["unused_token_rows"] == len(unused) > 0
+    provide = tok.convert_tokens_to_ids("\u0120Provide")  # of the slot-filling instruction only
+    assert provide != tok.unk_token_id and provide in unused
+    torch.testing.assert_close(table[provide], table[sorted(used)].mean(0), atol=2e-2, rtol=0)
     check_base_matches_world(out, tmp_path / "runs/demo/world")
     synthesize(tmp_path / "other", seed=3, n_passages=300)
     with pytest.raises(ValueError, match="is not the world"):
