@@ -387,8 +387,10 @@ SLOT_FORMS: tuple[str, ...] = (
     "{name} / {label}. The part after the slash names what to give for the person before it.",
     "Record of {name}, field {label}.",
 )
-# Instruction text after half of the look-ups (with QUESTION_SUFFIXES): measured on that base,
-# the slot-filling instruction after "{name} [SEP] {relation}" cut recall@1 from 95.5% to 19.5%.
+# Instruction text after half of the look-ups (with QUESTION_SUFFIXES), so that the query is
+# learned for a need followed by instruction text. (Measured on that base, the slot-filling
+# instruction after "{name} [SEP] {relation}" cut recall@1 from 95.5% to 19.5%; most of that
+# was its words' untrained embedding rows: see checkpoint.mean_init_unused_rows.)
 LOOKUP_SUFFIXES: tuple[str, ...] = (
     " Give the value of the named field for the person named first.",
     " Reply with the value from that person's record and nothing else.",
