@@ -1,7 +1,7 @@
 """``imprag`` command line.
 
     imprag data synth --out DIR [--seed N] [--passages N] [--disjoint-from WORLD_DIR]
-    imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--seed N]
+    imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--min-frequency N] [--seed N]
     imprag model pretrain-base [--out DIR] [key.sub=value ...]
     imprag train --config jobs/X.yaml [key.sub=value ...] [--resume] [--address URL | --no-ray]
     imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
@@ -49,6 +49,8 @@ def _add_model(sub) -> None:
     s.add_argument("--tasks", type=Path, nargs="*", default=[],
                    help="KILT task files whose inputs/answers also train the tokenizer")
     s.add_argument("--vocab-size", type=int, default=None)
+    s.add_argument("--min-frequency", type=int, default=0,
+                   help="uses a merge needs in the texts: rarer words are spelled in shared pieces (0 = fill the vocab)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one preset field, e.g. --set tie_word_embeddings=false "
@@ -187,7 +189,8 @@ def cmd_model_init(args) -> int:
 
     preset = with_settings(get_preset(args.preset), args.set)
     texts = tokenizer_texts(args.corpus, args.tasks)
-    out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size)
+    out = init_checkpoint(preset, texts, args.out, seed=args.seed, vocab_size=args.vocab_size,
+                          min_frequency=args.min_frequency)
     print(f"wrote {preset.name} checkpoint to {out}")
     return 0
 

@@ -5,9 +5,9 @@
    are not in this world, so it reads and retrieves but knows none of the held-out facts), or
    from a random init with ``--from-scratch``;
 2. train three systems with Ray Train (2 workers each), same model size and step budget:
-   closed book (``jobs/tiny_synth_closed_book.yaml``), an explicit-query RAG baseline whose
-   reader is trained on BM25 passages (``jobs/tiny_synth_bm25_rag.yaml``) and ImpRAG
-   (``jobs/tiny_synth_imprag.yaml``);
+   closed book (``jobs/tiny_synth_closed_book.yaml``), an explicit-query RAG baseline that
+   reads the same training passages as ImpRAG (the gold one, else BM25's) without a retrieval
+   loss (``jobs/tiny_synth_bm25_rag.yaml``) and ImpRAG (``jobs/tiny_synth_imprag.yaml``);
 3. encode the corpus with ImpRAG's trained bottom layers through Ray Data into a FAISS index;
 4. run Ray Data batch inference on the held-out eval sets: closed book without passages,
    the baseline with BM25 over the whole prompt, ImpRAG with its own layer-b retrieval;
@@ -94,7 +94,7 @@ def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
     from imprag_ray.data.synth import synthesize
     from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
     from imprag_ray.model.presets import tiny
-    from imprag_ray.pipelines.pretrain_base import check_base_matches_world
+    from imprag_ray.pipelines.pretrain_base import TOKENIZER_MIN_FREQUENCY, check_base_matches_world
 
     if not (WORLD / "world.json").exists() or not all(f.exists() for f in _world_files(systems)):
         shutil.rmtree(INIT, ignore_errors=True)  # its tokenizer belongs to the old world
@@ -114,7 +114,8 @@ def prepare(echo=print, systems=SYSTEMS, base: Path | None = BASE) -> None:
     if base is None:
         echo(f"[demo] initialising a random tiny model into {INIT}")
         tasks = [WORLD / "train/qa.jsonl", WORLD / "train/instruction.jsonl"]
-        init_checkpoint(tiny(), tokenizer_texts(WORLD / "corpus.jsonl", tasks), INIT, seed=0)
+        init_checkpoint(tiny(), tokenizer_texts(WORLD / "corpus.jsonl", tasks), INIT, seed=0,
+                        min_frequency=TOKENIZER_MIN_FREQUENCY)
     else:
         echo(f"[demo] starting from the pretrained base {base}")
         with atomic_dir(INIT) as tmp:

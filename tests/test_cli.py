@@ -43,6 +43,18 @@ def test_data_synth_then_model_init(tmp_path):
     assert 0.015 < weights["lm_head.weight"].std().item() < 0.025
     assert 0.17 < weights["model.layers.0.self_attn.o_proj.weight"].std().item() < 0.23
     assert 0.015 < weights["model.layers.1.self_attn.o_proj.weight"].std().item() < 0.025
+    # a minimum frequency spells rare words (here a 150-passage world's nicknames) in pieces
+    # (the default vocab size has room for every word of it)
+    init = ["model", "init", "--corpus", str(tmp_path / "w/corpus.jsonl")]
+    for out, extra in (("whole", []), ("pieces", ["--min-frequency", "10"])):
+        res = imprag(*init, *extra, "--out", str(tmp_path / out))
+        assert res.returncode == 0, res.stderr
+    from imprag_ray.data.synth import build_world
+    from imprag_ray.model.checkpoint import load_tokenizer
+
+    alias = build_world(3, 150).people[0].alias
+    assert len(load_tokenizer(tmp_path / "whole").tokenize(alias)) == 1
+    assert len(load_tokenizer(tmp_path / "pieces").tokenize(alias)) > 1
     for bad, named in (("embedding_init_std=0.4", "tie_word_embeddings=False"),  # tied preset
                        ("num_layer=4", "num_layers"), ("tie_word_embeddings=maybe", "true/false")):
         res = imprag(*base, "--set", bad, "--out", str(tmp_path / "bad"))

@@ -112,6 +112,9 @@ _Loader.add_implicit_resolver(
 )
 
 
+EXTENDS = "extends"  # job YAML key: start from another job file (read_job)
+
+
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load`` that also parses ``1e-3`` as a float. Raises ``yaml.YAMLError``."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
@@ -372,6 +375,19 @@ def load_config(cls: type[T], yaml_path: str | Path, overrides: Iterable[str] = 
         ConfigError: missing file, YAML syntax error, top level not a mapping, or any
             :func:`from_dict` / :func:`apply_overrides` error (all tagged with the file name).
     """
+    data = read_job(yaml_path)
+    source = str(yaml_path)
+    try:
+        return from_dict(cls, apply_overrides(data, overrides))
+    except ConfigError as err:
+        raise err.with_source(source) from None
+
+
+def read_job(yaml_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A job YAML's mapping. ``extends: OTHER.yaml`` (a path relative to the file) starts from
+    that job's mapping and lays this file's keys over it: sections merge key by key, any other
+    value (a list too) replaces the inherited one. Errors are tagged with the file that has them.
+    """
     source = str(yaml_path)
     try:
         text = Path(yaml_path).read_text(encoding="utf-8")
@@ -385,16 +401,35 @@ def load_config(cls: type[T], yaml_path: str | Path, overrides: Iterable[str] = 
         raise ConfigError(
             "", f"the top level must be a mapping of keys ('key: value' lines), {_got(data)}", source
         )
-    try:
-        return from_dict(cls, apply_overrides(data, overrides))
-    except ConfigError as err:
-        raise err.with_source(source) from None
+    if EXTENDS not in data:
+        return data
+    parent = data.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(EXTENDS, f"must be the path of another job YAML, relative to this file, {_got(parent)}",
+                          source)
+    here = Path(yaml_path).resolve()
+    parent_path = here.parent / parent
+    if parent_path.resolve() in (*_seen, here):
+        chain = " -> ".join(str(p) for p in (*_seen, here, parent_path.resolve()))
+        raise ConfigError(EXTENDS, f"the files extend each other in a cycle ({chain}); remove one 'extends'", source)
+    if not parent_path.is_file():
+        raise ConfigError(EXTENDS, f"{parent_path} does not exist; give a job YAML's path relative to {here.parent}",
+                          source)
+    return _merged(read_job(parent_path, (*_seen, here)), data)
+
+
+def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def job_data_files(job: str | Path) -> list[Path]:
     """The corpus and every task file a job YAML's ``data`` section names, as written there
     (before validation: for finding what a job will read, e.g. files an older world lacks)."""
-    data = parse_yaml(Path(job).read_text()).get("data") or {}
+    data = read_job(job).get("data") or {}
     return [Path(data["corpus"])] + [Path(t["path"]) for k in ("train", "dev", "eval") for t in data.get(k) or []]
 
 

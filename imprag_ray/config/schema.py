@@ -99,6 +99,11 @@ class TeacherConfig:
     hard_negative_ranks: tuple[int, int] = (10, 50)
     num_hard_negatives: int = 2
     num_candidates: int = 8  # self-distillation candidates per query
+    # The example's KILT provenance (gold passage ids), where it has one, ranks first, ahead
+    # of the teacher's own list (which still gives the hard negatives and candidates). For
+    # training sets with provenance whose inputs the teacher cannot match (a nickname shared
+    # by several people, other names around the one that is meant).
+    provenance_positives: bool = False
 
     def validate(self) -> None:
         if self.kind != "bm25" and self.path is None:

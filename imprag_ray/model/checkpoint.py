@@ -5,6 +5,7 @@ config (``imprag model init``). Also the checkpoint content hash used by manifes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ TEMPLATE_TEXT = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 0):
     """Byte-level BPE (GPT-2 style) trained on ``texts`` -> ``PreTrainedTokenizerFast``.
 
     Byte-level means any string round-trips, so no input is ever ``<unk>``. A word at the
@@ -33,6 +34,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     input ("{entity} [SEP] ...") is another token than " Lona" inside a question, and the
     tiny model's implicit query missed it (measured on the demo model: slot-filling template
     recall@1/10 4.0/16.5%, the same prompts with a leading space 24.0/60.0%).
+
+    ``min_frequency``: a merge needs that many uses in ``texts``, so a rare word (a nickname
+    used by one or two people) is spelled in pieces that common words share, as a pretrained
+    LLM's tokenizer spells a rare name, instead of getting a token of its own whose embedding
+    no training text reaches (0 = merge until ``vocab_size``). The eval templates' words
+    (``TEMPLATE_TEXT``) stay whole tokens all the same.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -43,11 +50,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_with_templates(texts), trainer=trainer)
+    tok.train_from_iterator(_with_templates(texts, max(1, min_frequency)), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -58,8 +66,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def _with_templates(texts: Iterable[str]) -> Iterable[str]:
-    yield TEMPLATE_TEXT
+def _with_templates(texts: Iterable[str], times: int = 1) -> Iterable[str]:
+    """The templates' words as often as a merge needs: each stays one token however rare."""
+    for _ in range(times):
+        yield TEMPLATE_TEXT
     yield from texts
 
 
@@ -89,13 +99,14 @@ def init_checkpoint(
     *,
     seed: int = 0,
     vocab_size: int | None = None,
+    min_frequency: int = 0,
 ) -> Path:
     """Train a tokenizer on ``texts``, build a random model of ``preset``'s shape and save
     both (plus ``imprag_config.json``) to ``out_dir`` atomically. Returns ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(texts, vocab_size or preset.vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size or preset.vocab_size, min_frequency)
     hf_config = preset.hf_config(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -146,13 +157,8 @@ def mean_init_unused_rows(model: ImpRAGModel, used_ids: Iterable[int]) -> int:
 def used_token_ids(tokenizer, texts: Iterable[str], batch: int = 2048) -> set[int]:
     """Ids of every token the tokenizer produces for ``texts``."""
     used: set[int] = set()
-    chunk: list[str] = []
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) == batch:
-            used.update(i for ids in tokenizer(chunk)["input_ids"] for i in ids)
-            chunk = []
-    if chunk:
+    texts = iter(texts)
+    while chunk := list(itertools.islice(texts, batch)):
         used.update(i for ids in tokenizer(chunk)["input_ids"] for i in ids)
     return used
 

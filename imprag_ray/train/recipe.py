@@ -146,6 +146,10 @@ class ImpRAGRecipe:
                 chunk = retrieval[start : start + 512]
                 ranked = teacher.rank([ex.input for ex in chunk], depth, [ex.id for ex in chunk])
                 rankings.update({ex.id: [pid for pid, _ in r] for ex, r in zip(chunk, ranked, strict=False)})
+            if t.provenance_positives:
+                for ex in retrieval:
+                    gold = list(dict.fromkeys(ex.provenance))
+                    rankings[ex.id] = gold + [pid for pid in rankings[ex.id] if pid not in gold]
         rng = random.Random(self.cfg.seed)
         d = self.cfg.data
         return [

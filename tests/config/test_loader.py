@@ -17,6 +17,7 @@ from imprag_ray.config.loader import (
     from_dict,
     load_config,
     parse_yaml,
+    read_job,
     to_dict,
 )
 
@@ -313,6 +314,39 @@ def test_load_config_top_level_not_mapping(tmp_path: Path, text: str) -> None:
 def test_load_config_missing_file(tmp_path: Path) -> None:
     err = error(load_config, Job, tmp_path / "nope.yaml")
     assert "nope.yaml" in str(err) and "not found" in str(err)
+
+
+def test_extends_lays_the_file_over_the_job_it_names(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs/base.yaml").write_text(
+        "name: base\nmodel:\n  n_layers: 6\n  b: 1\ntrain:\n  lr: 1e-3\n  ks: [1, 10]\n  stages:\n    - name: w\n"
+    )
+    (tmp_path / "jobs/mid.yaml").write_text("extends: base.yaml\ntrain:\n  steps: 3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: jobs/mid.yaml\nname: child\nmodel:\n  t: 5\ntrain:\n  ks: [4]\n")
+    cfg = load_config(Job, child, ["train.lr=5e-4"])
+    assert cfg.name == "child" and (cfg.model.n_layers, cfg.model.b, cfg.model.t) == (6, 1, 5)  # merged
+    assert list(cfg.train.ks) == [4] and cfg.train.steps == 3 and cfg.train.stages == (Stage("w"),)  # lists replace
+    assert cfg.train.lr == 5e-4  # overrides apply last
+    assert read_job(child)["model"] == {"n_layers": 6, "b": 1, "t": 5} and "extends" not in read_job(child)
+
+
+def test_extends_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\nname: a\n")
+    b.write_text("extends: a.yaml\nmodel:\n  n_layers: 6\n")
+    err = error(load_config, Job, a)
+    assert err.key == "extends" and "cycle" in err.message and "remove one 'extends'" in err.message
+    b.write_text("extends: missing.yaml\n")
+    err = error(load_config, Job, a)
+    assert err.key == "extends" and err.source == str(tmp_path / "b.yaml") and "missing.yaml does not exist" in err.message
+    b.write_text("extends: [a.yaml]\n")
+    assert "must be the path of another job YAML" in error(load_config, Job, a).message
+    b.write_text("model:\n  n_layers: 6\n  bb: 1\n")
+    err = error(load_config, Job, a)  # a key error in the merged job is reported for the file loaded
+    assert err.key == "model.bb" and err.source == str(a)
+    b.write_text("model: {n_layers: 6\n")
+    assert error(load_config, Job, a).source == str(b)  # a syntax error: the file that has it
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:

@@ -98,3 +98,22 @@ def test_embedding_init_std_sets_only_the_input_table(tmp_path):
         llama_like(embedding_init_std=0.0)
     with pytest.raises(ValueError, match="first_o_proj_init_std must be > 0"):
         llama_like(first_o_proj_init_std=-1.0)
+
+
+def test_min_frequency_spells_rare_words_in_shared_pieces():
+    from imprag_ray.model.checkpoint import train_tokenizer
+
+    # nicknames of one prefix + one suffix, each nickname used twice; names used 40 times
+    prefixes, suffixes = ["Swift", "Grey", "Iron", "Dark"], ["hood", "foot", "claw", "wing"]
+    texts = [f"{p}{s} met Lona Zorkal." for p in prefixes for s in suffixes for _ in range(2)]
+    texts += ["Lona Zorkal lived in Caselva."] * 8
+    whole = train_tokenizer(texts, 400)
+    assert whole.tokenize("Swifthood") == ["\u0120Swifthood"]
+    split = train_tokenizer(texts, 400, min_frequency=5)
+    pieces = split.tokenize("Swifthood")
+    assert len(pieces) > 1 and "".join(pieces) == "\u0120Swifthood"
+    assert split.tokenize("Lona Zorkal") == ["\u0120Lona", "\u0120Zorkal"]
+    assert split.decode(split("Swifthood met Lona")["input_ids"]) == "Swifthood met Lona"
+    # every piece of a rare nickname also spells other nicknames
+    other = {tuple(split.tokenize(f"{p}{s}")) for p in prefixes for s in suffixes} - {tuple(pieces)}
+    assert all(any(piece in o for o in other) for piece in pieces)

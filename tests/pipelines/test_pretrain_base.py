@@ -12,7 +12,7 @@ from imprag_ray.pipelines.pretrain_base import check_base_matches_world, pretrai
 
 def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypatch, ray_local):
     import imprag_ray.pipelines.pretrain_base as pb
-    from imprag_ray.data.synth import synthesize
+    from imprag_ray.data.synth import build_world, synthesize
     from imprag_ray.model.imprag import ImpRAGModel
 
     monkeypatch.chdir(tmp_path)  # the job's runs/... paths are relative to where it runs
@@ -25,6 +25,8 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     assert read_manifest(out) == manifest
     assert manifest["demo_world"]["n_passages"] == 400 and manifest["pretraining_world"]["n_passages"] == 300
     assert manifest["steps"] == 4 and manifest["dev"] is None  # 2 steps per stage; no dev set
+    assert manifest["init"]["tokenizer_min_frequency"] == pb.TOKENIZER_MIN_FREQUENCY == 0
+    assert json.loads((tmp_path / "runs/pretrain/init" / pb.INIT_MARK).read_text()) == manifest["init"]
     assert [st["job"] for st in manifest["stages"]] == ["tiny-synth-pretrain", "tiny-synth-pretrain-tasks"]
     # stage 2 went on from stage 1's bf16 export, with the tasks the unseen formats need
     stage1 = tmp_path / "runs/pretrain/stage1"
@@ -68,3 +70,14 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     lines.clear()
     pretrain_base(tmp_path / "third", [*overrides, "train.lr=5e-4"], echo=lines.append)
     assert not any("is done with these settings" in line for line in lines), lines
+    # an init of other settings (a minimum frequency for the tokenizer) is written anew, and
+    # both stages train again from it
+    monkeypatch.setattr(pb, "TOKENIZER_MIN_FREQUENCY", 10)
+    lines.clear()
+    fourth = pretrain_base(tmp_path / "fourth", [*overrides, "train.lr=5e-4"], echo=lines.append)
+    assert any("initialising the tiny model" in line for line in lines)
+    assert not any("is done with these settings" in line for line in lines), lines
+    assert fourth["init"]["tokenizer_min_frequency"] == 10
+    alias = build_world(0, 400).people[0].alias  # a nickname of the demo world's first person
+    assert len(load_tokenizer(tmp_path / "fourth").tokenize(alias)) > 1
+    assert len(load_tokenizer(out).tokenize(alias)) == 1

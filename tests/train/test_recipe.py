@@ -10,7 +10,7 @@ import torch
 from imprag_ray.config.loader import load_config
 from imprag_ray.config.schema import TrainJobConfig
 from imprag_ray.train.local import train_local
-from imprag_ray.train.recipe import STATE_NAME, ImpRAGRecipe, latest_checkpoint
+from imprag_ray.train.recipe import STATE_NAME, ImpRAGRecipe, latest_checkpoint, read_task_files
 
 
 def _cfg(tiny_world, tmp_path, *overrides):
@@ -159,3 +159,21 @@ def test_retriever_lr_applies_to_the_bottom_group_only(tiny_world, tmp_path):
     recipe.train_step(next(recipe.epoch_batches(0)))
     ratios = {g["lr"] / g["initial_lr"] for g in recipe.optimizer.param_groups}
     assert len({round(r, 9) for r in ratios}) == 1
+
+
+def test_provenance_positives_make_the_gold_passage_the_positive(tiny_world, tmp_path):
+    bm25 = ImpRAGRecipe(_cfg(tiny_world, tmp_path / "a"))
+    bm25.setup()
+    gold = ImpRAGRecipe(_cfg(tiny_world, tmp_path / "b", "teacher.provenance_positives=true"))
+    gold.setup()
+    examples = [ex for _, exs in read_task_files(gold.cfg.data.train) for ex in exs]
+    assert len(examples) == len(gold.items) == len(bm25.items)
+    retrieval = [(ex, a, b) for ex, a, b in zip(examples, bm25.items, gold.items, strict=True) if a.retrieval]
+    assert retrieval and all(b.retrieval for _, _, b in retrieval)
+    for ex, _, b in retrieval:
+        assert b.positives[0] == ex.provenance[0] and len(b.positives) == len(set(b.positives))
+        assert ex.provenance[0] not in b.hard_negatives and ex.provenance[0] in b.context
+    # where BM25 ranks another passage first, that one leads the positives without the option
+    missed = [(ex, a, b) for ex, a, b in retrieval if a.positives[0] != ex.provenance[0]]
+    assert missed and all(b.positives[1:] == [p for p in a.positives if p != b.positives[0]][: len(b.positives) - 1]
+                          for _, a, b in missed)
