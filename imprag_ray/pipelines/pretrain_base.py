@@ -157,7 +157,7 @@ def prepare_worlds(
             disjoint_from=DEMO_WORLD_KEY,
             overwrite=pretrain_world.exists(),
         )
-    settings = {**INIT_SETTINGS, "tokenizer_min_frequency": TOKENIZER_MIN_FREQUENCY}
+    settings = _init_settings()
     try:
         held = json.loads((init_dir / INIT_MARK).read_text())
     except (OSError, ValueError):
@@ -174,6 +174,11 @@ def prepare_worlds(
             min_frequency=TOKENIZER_MIN_FREQUENCY,
         )
         write_json_atomic(init_dir / INIT_MARK, settings)
+
+
+def _init_settings() -> dict[str, Any]:
+    """What the init is written with (its mark, and base.json's "init")."""
+    return {**INIT_SETTINGS, "tokenizer_min_frequency": TOKENIZER_MIN_FREQUENCY}
 
 
 def finished_training(cfg) -> tuple[str | None, str | None]:
@@ -295,7 +300,7 @@ def pretrain_base(out: Path = BASE_DIR, overrides: Sequence[str] = (), echo: Cal
         "command": COMMAND,
         "job": JOB,
         "overrides": list(overrides),
-        "init": {**INIT_SETTINGS, "tokenizer_min_frequency": TOKENIZER_MIN_FREQUENCY},
+        "init": _init_settings(),
         "demo_world": {
             "seed": DEMO_WORLD_KEY[0],
             "n_passages": DEMO_WORLD_KEY[1],

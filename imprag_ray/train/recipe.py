@@ -149,7 +149,7 @@ class ImpRAGRecipe:
             if t.provenance_positives:
                 for ex in retrieval:
                     gold = list(dict.fromkeys(ex.provenance))
-                    rankings[ex.id] = gold + [pid for pid in rankings[ex.id] if pid not in gold]
+                    rankings[ex.id] = gold + [pid for pid in rankings.get(ex.id, []) if pid not in gold]
         rng = random.Random(self.cfg.seed)
         d = self.cfg.data
         return [
