@@ -383,11 +383,16 @@ def load_config(cls: type[T], yaml_path: str | Path, overrides: Iterable[str] = 
         raise err.with_source(source) from None
 
 
-def read_job(yaml_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_job(yaml_path: str | Path) -> dict[str, Any]:
     """A job YAML's mapping. ``extends: OTHER.yaml`` (a path relative to the file) starts from
     that job's mapping and lays this file's keys over it: sections merge key by key, any other
     value (a list too) replaces the inherited one. Errors are tagged with the file that has them.
     """
+    return _read_job(yaml_path, ())
+
+
+def _read_job(yaml_path: str | Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """:func:`read_job` below the files in ``seen`` (the chain that extends this one)."""
     source = str(yaml_path)
     try:
         text = Path(yaml_path).read_text(encoding="utf-8")
@@ -409,13 +414,13 @@ def read_job(yaml_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, A
                           source)
     here = Path(yaml_path).resolve()
     parent_path = here.parent / parent
-    if parent_path.resolve() in (*_seen, here):
-        chain = " -> ".join(str(p) for p in (*_seen, here, parent_path.resolve()))
+    if parent_path.resolve() in (*seen, here):
+        chain = " -> ".join(str(p) for p in (*seen, here, parent_path.resolve()))
         raise ConfigError(EXTENDS, f"the files extend each other in a cycle ({chain}); remove one 'extends'", source)
     if not parent_path.is_file():
         raise ConfigError(EXTENDS, f"{parent_path} does not exist; give a job YAML's path relative to {here.parent}",
                           source)
-    return _merged(read_job(parent_path, (*_seen, here)), data)
+    return _merged(_read_job(parent_path, (*seen, here)), data)
 
 
 def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
