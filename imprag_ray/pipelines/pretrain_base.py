@@ -74,7 +74,16 @@ items per eval set, the model's own index, EM of the top-1 passage / of the gold
   demo from this base: slot-filling recall@1/10 71.5/96.5%, EM 39% (14/52.5%, EM 11% before);
 * claims to verify teach the answer type (true/false instead of a fact value) but not the
   comparison: fact-check EM stays near 50% even with the gold passage, and 50% after the demo
-  fine-tune with the passage inside the prompt (the instruction data's own format).
+  fine-tune with the passage inside the prompt (the instruction data's own format). The tiny
+  shape does not learn the plainer skill under it either, whether a word occurs in a passage
+  ("Is {value} named in the passage? Answer true or false." with values of this passage or of
+  another, half each; demo-world passages, 400 held-out; from this base, batch 32, AdamW): with
+  the passage as plain text before the question (no reader slots), held-out accuracy stayed at
+  49-50% over 600 steps at lr 5e-4 and 1,200 at lr 2e-3 (J_gen 0.35, chance), and at 46-50% from
+  a random init of the same shape (1,200 steps at lr 1e-3); with the passage in
+  the reader's slot and half the rows "Copy the passage from the word {w} on." (the 8 words after
+  w), 1,500 steps at lr 1e-3 brought the copy rows' loss near 0.05 (the word is found by
+  content) and left membership at 46-54%.
 """
 
 from __future__ import annotations
@@ -110,7 +119,13 @@ INIT_SETTINGS: dict[str, Any] = {
 # nicknames at most 22, a held-out person's 1) nicknames are spelled in shared pieces instead of
 # tokens no training text reaches; that base (with stage 2's positives the gold passage) still
 # found no held-out person by nickname (entity-linking recall@10 1.5%) and lost slot filling in
-# the demo (EM 33.5% against 39%), so the base keeps 0.
+# the demo (EM 33.5% against 39%), so the base keeps 0. The pieces are needed but not enough:
+# from that base, 1,500 steps of the demo world's alias rows plus qa_once at lambda_ret 1.0 gave
+# entity-linking recall@1/10 13.5/36.5% (EM 2.5%) while QA recall@1/10 fell to 35/71.5% and slot
+# filling's to 0/1% (imprag demo from this base: 68/93.5% and 64.5/92.5%): the 64-dim passage key
+# of layer 1 took in nicknames at the cost of names. With 6 KV heads (a 192-dim key), pieces and
+# stage 2 at lambda_ret 0.3, the demo's ImpRAG job ended at entity-linking recall@10 2.5% and QA
+# EM 18.5% (23.5% with the gold passage): the reader learned less.
 TOKENIZER_MIN_FREQUENCY = 0
 INIT_MARK = "init.json"  # the settings an init was written with: other settings write it anew
 COMMAND = "imprag model pretrain-base"
