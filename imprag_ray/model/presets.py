@@ -93,7 +93,7 @@ def tiny() -> ModelPreset:
         # minimum frequency 30) at b=2: dev QA EM 2%, recall@1/4/10 11/23/34% at step 2,100 against
         # 21%, 56/72/79% at b=1. The price of b=1: the implicit query is layer 0's attention at the
         # last prompt token, a bag of the prompt's tokens weighed by identity and distance alone,
-        # which cannot single out a marked mention (README, what the tiny demo shows).
+        # which cannot use the markers around a mention (README, what the tiny demo shows).
         retrieval_layer=1,
         reader_last_layer=4,
         max_passage_tokens=64,
