@@ -128,6 +128,8 @@ INIT_SETTINGS: dict[str, Any] = {
 # EM 18.5% (23.5% with the gold passage): the reader learned less.
 TOKENIZER_MIN_FREQUENCY = 0
 INIT_MARK = "init.json"  # the settings an init was written with: other settings write it anew
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "retrieval_layer", "reader_last_layer", "rope_theta")  # the preset's, in the init mark
 COMMAND = "imprag model pretrain-base"
 
 
@@ -139,7 +141,6 @@ def prepare_worlds(
     from imprag_ray.data.io import write_json_atomic
     from imprag_ray.data.synth import synthesize, world_key
     from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
-    from imprag_ray.model.presets import tiny
 
     if not (demo_world / "world.json").exists():
         echo(f"[pretrain-base] synthesising the demo world into {demo_world}")
@@ -182,7 +183,7 @@ def prepare_worlds(
         shutil.rmtree(init_dir, ignore_errors=True)  # an init of other settings
         tasks = [demo_world / "train/qa.jsonl", demo_world / "train/instruction.jsonl"]
         init_checkpoint(
-            dataclasses.replace(tiny(), **INIT_SETTINGS),
+            _init_preset(),
             tokenizer_texts(demo_world / "corpus.jsonl", tasks),
             init_dir,
             seed=0,
@@ -191,9 +192,20 @@ def prepare_worlds(
         write_json_atomic(init_dir / INIT_MARK, settings)
 
 
+def _init_preset():
+    """The tiny preset with the init's settings: the shape and init of the base's weights."""
+    from imprag_ray.model.presets import tiny
+
+    return dataclasses.replace(tiny(), **INIT_SETTINGS)
+
+
 def _init_settings() -> dict[str, Any]:
-    """What the init is written with (its mark, and base.json's "init")."""
-    return {**INIT_SETTINGS, "tokenizer_min_frequency": TOKENIZER_MIN_FREQUENCY}
+    """What the init is written with (its mark, and base.json's "init"): the settings, the
+    tokenizer's minimum frequency and the model's shape, so that an edit of the tiny preset
+    writes the init anew too."""
+    preset = _init_preset()
+    shape = {key: getattr(preset, key) for key in SHAPE_KEYS}
+    return {**INIT_SETTINGS, "tokenizer_min_frequency": TOKENIZER_MIN_FREQUENCY, "shape": shape}
 
 
 def finished_training(cfg) -> tuple[str | None, str | None]:

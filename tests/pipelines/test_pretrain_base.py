@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from imprag_ray.pipelines.pretrain_base import check_base_matches_world, pretrai
 
 
 def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypatch, ray_local):
+    import imprag_ray.model.presets as presets
     import imprag_ray.pipelines.pretrain_base as pb
     from imprag_ray.data.synth import build_world, synthesize
     from imprag_ray.model.imprag import ImpRAGModel
@@ -81,3 +83,14 @@ def test_pretrain_base_writes_a_bf16_base_for_the_demo_world(tmp_path, monkeypat
     alias = build_world(0, 400).people[0].alias  # a nickname of the demo world's first person
     assert len(load_tokenizer(tmp_path / "fourth").tokenize(alias)) > 1
     assert len(load_tokenizer(out).tokenize(alias)) == 1
+    # so is an init of another shape (an edit of the tiny preset): the mark records the shape
+    assert manifest["init"]["shape"]["num_kv_heads"] == presets.tiny().num_kv_heads == 2
+    original = presets.tiny
+    monkeypatch.setattr(presets, "tiny", lambda: dataclasses.replace(original(), num_kv_heads=1))
+    lines.clear()
+    fifth = pretrain_base(tmp_path / "fifth", [*overrides, "train.lr=5e-4"], echo=lines.append)
+    assert any("initialising the tiny model" in line for line in lines)
+    assert not any("is done with these settings" in line for line in lines), lines
+    assert fifth["init"]["shape"]["num_kv_heads"] == 1
+    assert json.loads((tmp_path / "runs/pretrain/init" / pb.INIT_MARK).read_text()) == fifth["init"]
+    assert ImpRAGModel.from_pretrained(tmp_path / "fifth").lm.config.num_key_value_heads == 1
