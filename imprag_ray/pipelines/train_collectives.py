@@ -8,8 +8,26 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward hands each rank the sum, over all ranks, of the gradients
+    on its own part (public collectives only: all_gather forward, all_reduce backward, which
+    gloo and NCCL both have)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> tuple[Tensor, ...]:
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None]:
+        total = torch.stack(grads)
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.rank], None
 
 
 def all_gather_rows(local: Tensor, group=None) -> tuple[Tensor, int]:
@@ -31,7 +49,7 @@ def all_gather_rows(local: Tensor, group=None) -> tuple[Tensor, int]:
     top = max(sizes)
     if local.shape[0] < top:
         local = torch.cat([local, local.new_zeros(top - local.shape[0], *local.shape[1:])])
-    parts = dist_nn.all_gather(local, group=group)  # world x [top, d], differentiable
+    parts = _AllGather.apply(local, group)  # world x [top, d], differentiable
     rows = torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
     return rows, sum(sizes[:rank])
 
