@@ -271,11 +271,13 @@ class Generator:
             )
         results = self.engine.generate(requests)
         preds = [decode_answer(self.tokenizer, r.token_ids) for r in results]
+        # Cells that came through Arrow are numpy arrays; handed back as they are, Ray Data
+        # cannot write them as Arrow lists and pickles the column. Plain lists stay list<...>.
         return {
             "id": batch["id"],
             "prediction": np.array(preds, dtype=object),
-            "retrieved": batch["retrieved"],
-            "scores": batch["scores"],
+            "retrieved": _objects([[str(p) for p in r] for r in batch["retrieved"]]),
+            "scores": _objects([[float(x) for x in r] for r in batch["scores"]]),
         }
 
 

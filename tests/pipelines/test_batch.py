@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,7 +20,7 @@ from imprag_ray.eval.predict import encode_corpus, predict
 from imprag_ray.index.store import IndexMismatchError, PassageIndex, corpus_fingerprint
 from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
 from imprag_ray.model.imprag import ImpRAGModel
-from imprag_ray.pipelines.batch import parse_tasks, run_batch
+from imprag_ray.pipelines.batch import Generator, parse_tasks, run_batch
 from imprag_ray.retrievers.teachers import build_teacher
 
 FILES = ("qa", "entity_linking")
@@ -180,3 +181,28 @@ def test_malformed_task_rows_name_the_field(setup):
         )
     with pytest.raises(DataError, match="invalid JSON"):
         parse_tasks({"text": ["{oops"]}, path="f.jsonl", format="qa", checkpoint=ckpt, max_prompt_tokens=16)
+
+
+def test_generator_hands_back_retrieval_columns_as_arrow_lists(setup):
+    """Ray Data gives the generator cells that went through Arrow (numpy arrays); its output
+    must convert back to Arrow lists, not fall back to a column of pickled objects."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    ckpt = setup["ckpt"]
+    rows = parse_tasks({"text": ['{"id": "a", "input": "who?"}', '{"id": "b", "input": "when?"}']},
+                       path="f.jsonl", format="qa", checkpoint=ckpt, max_prompt_tokens=16)
+    upstream = pa.table({
+        **{k: list(v) for k, v in rows.items()},
+        "retrieved": [["p1", "p2"], []],
+        "scores": [[0.5, 0.25], []],
+    })
+    batch = BlockAccessor.for_block(upstream).to_batch_format("numpy")
+    batch["use_passages"] = np.zeros(2, dtype=bool)  # closed book: no passage tokens needed
+    assert isinstance(batch["retrieved"][0], np.ndarray)  # what an actor receives
+    gen = Generator(kind="torch", checkpoint=ckpt, options={}, max_new_tokens=2, threads=1)
+    block = BlockAccessor.batch_to_block(gen(batch))
+    assert block.schema.field("retrieved").type == pa.list_(pa.string())
+    assert block.schema.field("scores").type == pa.list_(pa.float64())
+    assert block.column("retrieved").to_pylist() == [["p1", "p2"], []]
+    assert block.column("scores").to_pylist() == [[0.5, 0.25], []]
