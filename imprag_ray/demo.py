@@ -204,11 +204,12 @@ def run_demo(
     import ray
 
     from imprag_ray.data.io import write_json_atomic
+    from imprag_ray.pipelines.local_ray import init_local_ray
 
     start = time.time()
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        init_local_ray()
     try:
         prepare(echo, systems, None if from_scratch else BASE)
         runs = {

@@ -45,7 +45,9 @@ def ray_local() -> Iterator[Any]:
     Started on first use and kept for later tests (shut down at session end or when a
     test connects to a multi-node cluster instead).
     """
-    yield _connect("local", num_cpus=2, include_dashboard=False, address="local")
+    from imprag_ray.pipelines.local_ray import local_ray_kwargs
+
+    yield _connect("local", **local_ray_kwargs(num_cpus=2, logging_level="info"))
 
 
 @pytest.fixture(scope="session")

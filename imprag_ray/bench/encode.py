@@ -137,6 +137,8 @@ def cmd_bench_encode(args) -> int:
     import ray
     import torch
 
+    from imprag_ray.pipelines.local_ray import init_local_ray
+
     tmp = Path(tempfile.mkdtemp(prefix="imprag-bench-encode-"))
     corpus, checkpoint = args.corpus, args.checkpoint
     if checkpoint is None or corpus is None:
@@ -156,7 +158,7 @@ def cmd_bench_encode(args) -> int:
     torch.set_num_threads(1)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=cpus, include_dashboard=False, address="local", logging_level="ERROR")
+        init_local_ray(num_cpus=cpus)
     try:
         for actors in (int(a) for a in args.actors.split(",")):
             result["ray_data"].append(ray_data(checkpoint, corpus, tmp, actors, args))

@@ -75,6 +75,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from imprag_ray.config.loader import load_config
     from imprag_ray.config.schema import TrainJobConfig
+    from imprag_ray.pipelines.local_ray import init_local_ray
     from imprag_ray.pipelines.train import read_metrics, train_ray
 
     workers = [int(w) for w in args.workers.split(",")]
@@ -83,12 +84,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         job = args.config or _synthetic_job(root, PRESET)
         started = not ray.is_initialized()
         if started:
-            ray.init(
-                address=args.address or "local",
-                include_dashboard=False,
-                logging_level="ERROR",
-                **({} if args.address else {"num_cpus": max(workers)}),
-            )
+            if args.address:
+                ray.init(address=args.address, include_dashboard=False, logging_level="ERROR")
+            else:
+                init_local_ray(num_cpus=max(workers))
         results: dict[str, Any] = {}
         try:
             for n in workers:

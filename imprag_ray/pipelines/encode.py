@@ -48,13 +48,15 @@ def connect_ray(address: str | None = None) -> None:
     this process is already connected (the demo calls the pipelines on its own Ray)."""
     import ray
 
+    from imprag_ray.pipelines.local_ray import init_local_ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="ERROR")
     else:
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        init_local_ray()
 
 
 def resolve_paths(cfg) -> dict[str, str]:

@@ -143,6 +143,8 @@ def train_ray(
     """
     import ray
 
+    from imprag_ray.pipelines.local_ray import init_local_ray
+
     check_ray_config(cfg)
     storage, name = storage_and_name(cfg)
     done = run_checkpoints(storage, name)
@@ -163,7 +165,7 @@ def train_ray(
         if address:
             ray.init(address=address, logging_level="ERROR")
         else:
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+            init_local_ray()
         started = True
     try:
         result = build_trainer(cfg).fit()
