@@ -84,12 +84,15 @@ items per eval set, the model's own index, EM of the top-1 passage / of the gold
   the reader's slot and half the rows "Copy the passage from the word {w} on." (the 8 words after
   w), 1,500 steps at lr 1e-3 brought the loss per target token, most of them the copy rows',
   from 1.47 to 0.20 (the word is found by content) and left membership at 46-54%. Longer, from
-  this base with the passage in the reader's slot, lr 1e-3: membership alone stayed at 44.5-51% over 3,100 steps (checked
-  every 100); with half the rows "Copy the passage from the word {w} on." where w is, half the
-  time, a word of another passage and the answer then "none", 3,000 steps brought the loss per
-  target token from 1.54 to 0.12 (copying learned) while the held-out copy-or-"none" decision
-  sat at 47% at all 30 checks (one constant answer) and membership at 44-56%. What the shape
-  does not learn is telling that a word is absent, the step under every false claim.
+  this base with the passage in the reader's slot, lr 1e-3: membership alone stayed at 44.5-51%
+  at every check over 3,100 steps (every 100) and, in a second run, over 8,000 (every 250),
+  while the loss on its training rows fell from 0.35 to 0.32, below chance, and held-out
+  accuracy did not follow. With half the rows "Copy the passage from the word {w} on."
+  where w is, half the time, a word of another passage and the answer then "none", 3,000 steps
+  brought the loss per target token from 1.54 to 0.12 (copying learned) while the held-out
+  copy-or-"none" decision sat at 47% at all 30 checks (one constant answer) and membership at
+  44-56%. What the shape does not learn is telling that a word is absent, the step under every
+  false claim.
 """
 
 from __future__ import annotations
