@@ -12,6 +12,9 @@
 ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 SHELL := bash
 
+# `make gpu-check` runs on a GPU box's own python3 (torch + transformers, no venv, any 3.x):
+# the Python 3.11 / venv checks below are for the other targets only.
+ifneq ($(MAKECMDGOALS),gpu-check)
 ifndef PYTHON
 PYTHON := $(shell command -v python3.11 2>/dev/null || { python3 -c 'import sys; sys.exit(not sys.version.startswith("3.11."))' 2>/dev/null && command -v python3; })
 endif
@@ -23,6 +26,7 @@ VENV_HASH := $(shell cd "$(ROOT)" && sed -n '/^[[:punct:]] >>> venv recipe/,/^[[
 ifeq ($(strip $(VENV_HASH)),)
 $(error could not hash pyproject.toml with $(PYTHON))
 endif
+endif
 
 IMPRAG_VENV_ROOT ?= $(HOME)/.cache/imprag-ray/venvs
 VENV ?= $(IMPRAG_VENV_ROOT)/$(VENV_HASH)
@@ -31,7 +35,7 @@ STAMP := $(VENV)/.imprag-ray-complete
 IN_VENV := cd "$(ROOT)" && PATH="$(VENV)/bin:$$PATH" PYTHONPATH="$(ROOT)$${PYTHONPATH:+:$$PYTHONPATH}"
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv
+.PHONY: demo test rehearsal lint venv gpu-check
 .DEFAULT_GOAL := test
 
 demo: venv
@@ -42,9 +46,18 @@ test: venv
 	  if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests (exit code 5)" >&2; fi; \
 	  exit $$rc; }
 
+# The paper jobs (jobs/llama3_2_3b_imprag.yaml, jobs/serve_llama3_2_3b.yaml) end to end on CPU.
+rehearsal: venv
+	@$(IN_VENV) "$(VENV)/bin/python" -m pytest -m rehearsal tests/rehearsal -s $(PYTEST_ARGS)
+
 lint: venv
 	@$(IN_VENV) "$(VENV)/bin/ruff" check . && $(IN_VENV) "$(VENV)/bin/ruff" format --check . \
 	  && $(IN_VENV) "$(VENV)/bin/python" -m mypy
+
+# The training recipe at Llama-3.2-3B's shape on CUDA, bf16 mixed precision: one JSON report
+# (imprag_ray/bench/gpu_check.py; needs only torch + transformers, no Ray/vLLM/FAISS).
+gpu-check:
+	@cd "$(ROOT)" && PYTHONPATH=. python3 -m imprag_ray.bench.gpu_check $(GPU_CHECK_ARGS)
 
 ifeq ($(origin VENV),file)
 venv: $(STAMP)

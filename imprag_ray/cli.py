@@ -4,7 +4,8 @@
     imprag model init --preset tiny --corpus FILE --out DIR [--vocab-size N] [--min-frequency N] [--seed N]
     imprag model pretrain-base [--out DIR] [key.sub=value ...]
     imprag train --config jobs/X.yaml [key.sub=value ...] [--resume] [--address URL | --no-ray]
-    imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE] [--json OUT]
+    imprag eval --predictions FILE --tasks FILE[:FORMAT]... [--corpus FILE]
+                [--provenance passage_id|page_title] [--json OUT]
     imprag demo [--json OUT] [--from-scratch] [key.sub=value ...]
 
 User mistakes (bad config, bad data, bad arguments) print one clear line and exit 2;
@@ -88,7 +89,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--predictions", required=True, type=Path)
     p.add_argument("--tasks", required=True, nargs="+",
                    help="task files, FILE or FILE:FORMAT (format defaults to the file stem)")
-    p.add_argument("--corpus", type=Path, default=None, help="for answer-string recall")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="for answer-string recall, and needed by --provenance page_title")
+    p.add_argument("--provenance", choices=("passage_id", "page_title"), default="passage_id",
+                   help="how provenance names gold passages (the job's data.provenance): "
+                        "passage_id = wikipedia_id is a corpus passage id (synthetic world); "
+                        "page_title = through page titles (real KILT over Atlas passages)")
     p.add_argument("--ks", default="1,5,10")
     p.add_argument("--json", type=Path, default=None)
     p.set_defaults(func=cmd_eval)
@@ -241,7 +247,8 @@ def cmd_eval(args) -> int:
         path, _, fmt = item.partition(":")
         specs.append((path, fmt or Path(path).stem))
     ks = tuple(int(k) for k in args.ks.split(","))
-    result = evaluate(args.predictions, specs, corpus_path=args.corpus, ks=ks, out_path=args.json)
+    result = evaluate(args.predictions, specs, corpus_path=args.corpus, ks=ks, out_path=args.json,
+                      provenance=args.provenance)
     print(json.dumps(result, indent=2))
     return 0
 

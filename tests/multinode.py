@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,14 +55,23 @@ class LocalCluster:
         return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 
     def processes(self) -> list[int]:
+        """Pids of the cluster's processes: those whose command line names its temp dir, and
+        their descendants (Ray renames some children, e.g. ``ray::DashboardAgent``, and the
+        client server names only the address)."""
         import psutil
 
-        pids = []
+        pids: set[int] = set()
         for proc in psutil.process_iter(["pid", "cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if self.temp_dir in " ".join(proc.info["cmdline"] or []):
-                    pids.append(proc.info["pid"])
-        return pids
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if self.temp_dir in cmdline or re.search(rf"--address=\S+:{self.port}\b", cmdline):
+                    pids.add(proc.info["pid"])
+                    pids.update(child.pid for child in proc.children(recursive=True))
+        return sorted(pids)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         import psutil

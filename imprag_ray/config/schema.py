@@ -57,6 +57,9 @@ class ModelConfig:
     max_passage_tokens: int | None = None  # l_max
     num_passages: int | None = None  # k
     post_rope: bool | None = None
+    # Training: bfloat16 = mixed precision (fp32 master weights and optimizer state, bf16
+    # compute through autocast, or FSDP's MixedPrecisionPolicy under ray.strategy: fsdp) and
+    # checkpoints written in bf16; float32 = fp32 throughout.
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self) -> None:
@@ -75,6 +78,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Corpus, task files and tokenisation.
+
+    ``chat_template``: wrap every prompt (training items and evaluation prompts) as one user
+    turn of the tokenizer's chat template, with the assistant header after it, and end
+    training targets with the tokenizer's eos token (``<|eot_id|>`` in a Llama-3 instruct
+    snapshot). For instruct checkpoints; base checkpoints keep the default (false: ``<s>`` +
+    template text). ``corpus_text`` items stay plain LM text either way.
+
+    ``provenance`` (``passage_id``): how KILT provenance names gold passages. ``passage_id``:
+    a provenance ``wikipedia_id`` IS a passage id of ``corpus`` (what ``imprag data synth``
+    writes; the default keeps the demo's numbers). ``page_title``: real KILT over Atlas
+    passages, where ``wikipedia_id`` is a Wikipedia PAGE id, not a passage id: the gold passages
+    are all corpus passages whose ``title`` is a provenance entry's ``title`` (every entry needs
+    one). Recall@k and the recipe ask ``imprag_ray.data.provenance.ProvenanceResolver``.
+    """
+
     corpus: str = field(metadata={"path": "file"})
     train: tuple[TaskFile, ...] = ()
     dev: tuple[TaskFile, ...] = ()
@@ -82,6 +101,8 @@ class DataConfig:
     max_prompt_tokens: int = 128
     max_target_tokens: int = 48
     shuffle_context: bool = True  # random order of the teacher's top-k in the reader's context
+    chat_template: bool = False  # prompts as a chat-template user turn (instruct checkpoints)
+    provenance: Literal["passage_id", "page_title"] = "passage_id"  # see the docstring
 
     def validate(self) -> None:
         for key in ("max_prompt_tokens", "max_target_tokens"):
@@ -167,13 +188,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Evaluation during and after training (``ImpRAGRecipe.evaluate``).
+
+    ``corpus_sample``: null = retrieve from the whole corpus, re-encoded with the current
+    bottom layers at every evaluation (exact, but a whole-corpus pass per evaluation). N =
+    retrieve from a sub-corpus of about N passages: the gold passages of the evaluated
+    examples, the teacher's rankings for them where the teacher is already built or is a
+    labels file, then a seeded random sample of the corpus up to N (gold passages are always
+    kept, even past N). Recall on a sub-corpus is higher than on the whole corpus; the
+    metrics carry ``corpus_size`` and ``sub_corpus`` so it is never mistaken for it.
+    """
+
     top_k: int | None = None  # passages retrieved per query (null = model.num_passages)
     recall_ks: tuple[int, ...] = (1, 5, 10)
     max_new_tokens: int = 12
     batch_size: int = 32
     limit: int | None = None  # examples per eval file (null = all)
+    corpus_sample: int | None = None  # passages searched at evaluation (null = whole corpus)
 
     def validate(self) -> None:
+        if self.corpus_sample is not None and self.corpus_sample <= 0:
+            raise ConfigError.at("corpus_sample", f"must be > 0 or null (whole corpus), got {self.corpus_sample}")
         if self.top_k is not None and self.top_k <= 0:
             raise ConfigError.at("top_k", f"must be > 0, got {self.top_k}")
         if self.max_new_tokens <= 0:
@@ -193,9 +228,9 @@ class RayTrainConfig:
     Warmup candidates come from the teacher's pseudo labels (positives, hard negatives)
     plus every worker's in-batch passages, embedded with the current weights each step;
     self-distillation re-embeds the teacher's candidates with the current weights every
-    step; dev/eval re-encode the whole corpus with the current bottom layers at
-    evaluation time. So nothing the loss sees is stale. A separate periodic re-encoding
-    of the corpus (Ray Data, ``imprag_ray/pipelines/encode.py``) is only needed to mine
+    step; dev/eval re-encode the whole corpus (or the ``eval.corpus_sample`` sub-corpus)
+    with the current bottom layers at evaluation time. So nothing the loss sees is stale.
+    A separate periodic re-encoding of the corpus (Ray Data, ``imprag_ray/pipelines/encode.py``) is only needed to mine
     candidates with the model's own retrieval; it is not done during training.
     """
 
@@ -210,8 +245,9 @@ class RayTrainConfig:
     storage_path: str | None = field(default=None, metadata={"path": "out"})
     run_name: str | None = None  # null = the job's name
     max_failures: int = 0  # automatic restarts from the latest checkpoint; -1 = unlimited
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 sharding of params/grads/optimizer (3B/8B), see README
-    fsdp_bf16: bool = False  # fsdp on GPU: bf16 params in forward/backward, fp32 gradient reduction
+    # fsdp: FSDP2 sharding of params/grads/optimizer (3B/8B), see README; with model.dtype:
+    # bfloat16 it computes in bf16 (MixedPrecisionPolicy) and reduces gradients in fp32
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     num_to_keep: int | None = None  # checkpoints kept in storage (null = all)
 
     def validate(self) -> None:
@@ -264,9 +300,16 @@ class IndexConfig:
     threads: int = 1  # torch threads per encoder actor
     gpu_faiss: bool = True  # build on GPU FAISS when faiss sees GPUs
     seed: int = 0  # training-sample draw
+    # Search settings recorded in the index manifest and applied whenever the index is loaded
+    # (batch and serving may override them): IVF lists visited per query (clamped to the
+    # list count; FAISS's own default of 1 makes IVF65536 search 1/65536 of the corpus), and
+    # HNSW efSearch (candidate list size; at least the search depth is used).
+    nprobe: int = 32
+    ef_search: int = 64
 
     def validate(self) -> None:
-        for key in ("train_sample", "num_shards", "shard_size", "encoders", "batch_size", "threads"):
+        for key in ("train_sample", "num_shards", "shard_size", "encoders", "batch_size", "threads",
+                    "nprobe", "ef_search"):
             if getattr(self, key) <= 0:
                 raise ConfigError.at(key, f"must be > 0, got {getattr(self, key)}")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.tokenize_num_cpus < 0:
@@ -309,9 +352,11 @@ class BatchConfig:
     num_gpus: float = 0.0  # per stage-1 / stage-2 actor
     threads: int = 1  # torch threads per actor
     limit: int | None = None  # examples per input file (null = all)
+    nprobe: int | None = None  # IVF lists searched (null = the index manifest's, index.nprobe)
+    ef_search: int | None = None  # HNSW efSearch (null = the index manifest's)
 
     def validate(self) -> None:
-        for key in ("top_k", "search_depth", "max_new_tokens", "limit"):
+        for key in ("top_k", "search_depth", "max_new_tokens", "limit", "nprobe", "ef_search"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError.at(key, f"must be > 0 or null, got {value}")

@@ -41,10 +41,30 @@ class ModelExpectation:
 
 @dataclass(frozen=True)
 class EngineSection:
-    """Generation engine: ``imprag_ray.engine.build_engine(kind, checkpoint, **options)``."""
+    """Generation engine: ``imprag_ray.engine.build_engine(kind, checkpoint, **options)``.
+
+    The vLLM engine also gets the request budget (``limits.max_prompt_tokens`` and
+    ``limits.max_tokens``) to size ``max_model_len``; ``options`` may set any engine or
+    ``vllm.AsyncEngineArgs`` option (``max_model_len``, ``kv_cache_gib``, ...) instead.
+    """
 
     kind: Literal["torch", "vllm"] = "torch"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    """FAISS search settings of the retrieval stage (null = what the index manifest
+    recorded at build time, ``index.nprobe`` / ``index.ef_search`` of the build job)."""
+
+    nprobe: int | None = None  # IVF lists visited per query
+    ef_search: int | None = None  # HNSW efSearch
+
+    def validate(self) -> None:
+        for key in ("nprobe", "ef_search"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError.at(key, f"must be > 0 or null (the index manifest's), got {value}")
 
 
 @dataclass(frozen=True)
@@ -222,8 +242,12 @@ class ServeJobConfig:
     model_name: str = "imprag"  # the OpenAI ``model`` id clients must send
     top_k: int | None = None  # passages read per request (null = the checkpoint's k)
     threads: int | None = 1  # torch intra-op threads per replica
+    # Wrap each prompt (a completion's prompt, a chat's user text) in the checkpoint's chat
+    # template as one user turn (instruct snapshots); false: <s> + the raw text, as trained.
+    chat_template: bool = False
     model: ModelExpectation = ModelExpectation()
     engine: EngineSection = EngineSection()
+    search: SearchSection = SearchSection()
     http: HttpSection = HttpSection()
     auth: AuthSection = AuthSection()
     limits: LimitsSection = LimitsSection()

@@ -26,11 +26,16 @@ def check_format(format: str) -> str:
 
 @dataclass(frozen=True)
 class Passage:
-    """One retrievable unit of the corpus (Atlas style: {id, title, text})."""
+    """One retrievable unit of the corpus (Atlas style: {id, title, section, text}).
+
+    title: the Wikipedia page the passage comes from (several passages share a page);
+    section: the page section ("" when the corpus has none).
+    """
 
     id: str
     title: str
     text: str
+    section: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,12 @@ class TaskExample:
     """One task input with its gold answers.
 
     answers: non-empty for labelled data, deduplicated, original order kept.
-    provenance: gold passage ids (KILT `wikipedia_id`), may be empty.
+    provenance: the KILT provenance `wikipedia_id`s, deduplicated, may be empty. What they
+        name depends on the data: passage ids of data.corpus (the synthetic world), or
+        Wikipedia PAGE ids (real KILT), which are not passage ids; see
+        :mod:`imprag_ray.data.provenance` for turning provenance into gold passages.
+    provenance_titles: the page title of each provenance entry, parallel to `provenance`
+        ("" where the entry has no title); empty when the source gave no titles at all.
     format: one of FORMATS; decides the prompt template.
     meta: free-form extras; not part of equality or hashing.
     """
@@ -49,11 +59,18 @@ class TaskExample:
     provenance: tuple[str, ...]
     format: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    provenance_titles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples so the record stays immutable.
         object.__setattr__(self, "answers", tuple(self.answers))
         object.__setattr__(self, "provenance", tuple(self.provenance))
+        object.__setattr__(self, "provenance_titles", tuple(self.provenance_titles))
+        if self.provenance_titles and len(self.provenance_titles) != len(self.provenance):
+            raise ValueError(
+                f"example {self.id!r}: provenance_titles has {len(self.provenance_titles)} entries "
+                f"for {len(self.provenance)} provenance ids; give one title per id (\"\" if unknown)"
+            )
         check_format(self.format)
 
 

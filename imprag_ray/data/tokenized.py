@@ -36,8 +36,34 @@ class PassageStore:
         return out, mask
 
 
-def encode_prompt_text(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """``<s>`` + prompt tokens, left-truncated (the need is usually at the end)."""
+def encode_prompt_text(tokenizer, text: str, max_tokens: int, *, chat: bool = False) -> list[int]:
+    """``<s>`` + prompt tokens, left-truncated (the need is usually at the end).
+
+    ``chat=True`` wraps the text as one user turn of the tokenizer's chat template, with the
+    assistant header after it (instruct snapshots); the template's head (bos, headers) is kept
+    and the user text is left-truncated inside it.
+    """
+    if chat:
+        return _chat_prompt(tokenizer, text, max_tokens)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     keep = max_tokens - 1
     return [tokenizer.bos_token_id] + (ids[-keep:] if keep > 0 else [])
+
+
+def _chat_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template is true but the checkpoint's tokenizer has no chat "
+                         "template; set data.chat_template: false for a base snapshot")
+    marker = "\x00IMPRAG_USER\x00"
+    # Render around a marker so the user text is tokenised on its own and can be truncated.
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    head, tail = rendered.split(marker)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    body = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] if text.strip() else []
+    keep = max_tokens - len(head_ids) - len(tail_ids)
+    if keep <= 0:
+        raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the chat template's "
+                         f"{len(head_ids) + len(tail_ids)} tokens; raise data.max_prompt_tokens")
+    return head_ids + body[-keep:] + tail_ids

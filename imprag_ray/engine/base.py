@@ -12,8 +12,10 @@ packed in order (DESIGN §1).
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 ENGINE_KINDS = ("torch", "vllm")
@@ -62,8 +64,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    token_ids: list[int]  # generated tokens, EOS excluded
-    finish_reason: Literal["stop", "length"]  # "stop": EOS was generated
+    token_ids: list[int]  # generated tokens, the stop id excluded
+    finish_reason: Literal["stop", "length"]  # "stop": a stop id (any eos id) was generated
     request_id: str = ""
 
 
@@ -90,6 +92,11 @@ class GenerationEngine(abc.ABC):
     @property
     @abc.abstractmethod
     def eos_token_id(self) -> int | None: ...
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every id that ends generation (the stop id is not part of the result)."""
+        return [] if self.eos_token_id is None else [self.eos_token_id]
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -119,6 +126,28 @@ class GenerationEngine(abc.ABC):
                 raise EngineError(
                     f"passage {i} has {len(p)} tokens > max_passage_tokens={self.max_passage_tokens}"
                 )
+
+
+def checkpoint_stop_ids(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """The stop ids of a checkpoint: every eos id of generation_config.json (else
+    config.json) plus the eos of its tokenizer, when it has one saved next to it
+    (:func:`imprag_ray.model.checkpoint.stop_token_ids`)."""
+    from imprag_ray.model.checkpoint import load_tokenizer, stop_token_ids
+
+    path = Path(checkpoint_dir)
+    tokenizer = None
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(path)
+    return stop_token_ids(path, tokenizer)
+
+
+def cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> tuple[list[int], bool]:
+    """``tokens`` up to (not including) the first stop id, and whether one was found."""
+    stop_set = set(stops)
+    for i, t in enumerate(tokens):
+        if t in stop_set:
+            return list(tokens[:i]), True
+    return list(tokens), False
 
 
 def build_engine(kind: str, checkpoint_dir: str, **options) -> GenerationEngine:

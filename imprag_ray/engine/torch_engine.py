@@ -1,13 +1,26 @@
-"""The torch reference engine behind :class:`GenerationEngine` (exact; CPU or GPU)."""
+"""The torch reference engine behind :class:`GenerationEngine` (exact; CPU or GPU).
+
+Generation of a row ends at the first of the checkpoint's stop ids
+(:func:`imprag_ray.model.checkpoint.stop_token_ids`: every eos id of generation_config.json,
+e.g. Llama-3 instruct's ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``, plus the
+tokenizer's eos); the stop id itself is not returned.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 
 import torch
 
-from imprag_ray.engine.base import GenerationEngine, GenerationRequest, GenerationResult, Sampling
+from imprag_ray.engine.base import (
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    Sampling,
+    checkpoint_stop_ids,
+    cut_at_stop,
+)
 from imprag_ray.model.checkpoint import checkpoint_hash
 from imprag_ray.model.generation import generate_steps
 from imprag_ray.model.imprag import ImpRAGModel
@@ -34,11 +47,9 @@ class TorchEngine(GenerationEngine):
 
     def _load(self, checkpoint_dir: str) -> None:
         model = ImpRAGModel.from_pretrained(checkpoint_dir, dtype=self.dtype).to(self.device).eval()
-        cfg = model.lm.config
-        eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
-        eos = cfg.eos_token_id if eos is None else eos
-        self._eos = eos[0] if isinstance(eos, list) else eos
-        pad = cfg.pad_token_id
+        self._stops = checkpoint_stop_ids(checkpoint_dir)
+        self._eos = self._stops[0] if self._stops else None
+        pad = model.lm.config.pad_token_id  # fills masked columns only: any id works
         self._pad = (self._eos if pad is None else pad) or 0
         self._hash = checkpoint_hash(checkpoint_dir)
         self.model = model
@@ -59,6 +70,10 @@ class TorchEngine(GenerationEngine):
     @property
     def eos_token_id(self) -> int | None:
         return self._eos
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self._stops)
 
     # -------------------------------------------------------------- generation
     def _tensors(self, requests: Sequence[GenerationRequest]):
@@ -81,11 +96,29 @@ class TorchEngine(GenerationEngine):
         return ids.to(self.device), mask.to(self.device), p_ids, p_mask
 
     def _steps(self, requests: Sequence[GenerationRequest]) -> Iterator[torch.Tensor]:
+        """Next tokens [B] per step until every row has emitted a stop id (or the budget
+        is spent); a row's tokens after its stop id are meaningless (cut by the caller)."""
+        stops = torch.tensor(self._stops, dtype=torch.long, device=self.device)  # [S]
+        finished = None
+        steps = self._raw_steps(requests)
+        try:
+            for token in steps:  # [B]
+                yield token
+                hit = torch.isin(token, stops)
+                finished = hit if finished is None else finished | hit
+                if bool(finished.all()):
+                    return
+        finally:
+            steps.close()  # no decoding step after every row has stopped
+
+    def _raw_steps(self, requests: Sequence[GenerationRequest]) -> Generator[torch.Tensor, None, None]:
         s: Sampling = requests[0].sampling
         gen = None
         if not s.greedy and s.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(s.seed)
         ids, mask, p_ids, p_mask = self._tensors(requests)
+        # Stop ids are handled in _steps (generate_steps knows one eos id); rows are
+        # independent, so a finished row's further tokens change no other row.
         yield from generate_steps(
             self.model,
             ids,
@@ -97,7 +130,7 @@ class TorchEngine(GenerationEngine):
             temperature=s.temperature if not s.greedy else 1.0,
             top_k=s.top_k,
             top_p=s.top_p,
-            eos_token_id=self._eos,
+            eos_token_id=None,
             pad_token_id=self._pad,
             generator=gen,
         )
@@ -120,16 +153,15 @@ class TorchEngine(GenerationEngine):
         return [r for r in results if r is not None]
 
     def _result(self, row: list[int], request: GenerationRequest) -> GenerationResult:
-        if self._eos is not None and self._eos in row:
-            return GenerationResult(row[: row.index(self._eos)], "stop", request.request_id)
-        return GenerationResult(row, "length", request.request_id)
+        tokens, stopped = cut_at_stop(row, self._stops)
+        return GenerationResult(tokens, "stop" if stopped else "length", request.request_id)
 
     def stream(self, request: GenerationRequest) -> Iterator[list[int]]:
         self.check_request(request)
         with self._lock:
             for token in self._steps([request]):
                 t = int(token[0])
-                if t == self._eos:
+                if t in self._stops:
                     return
                 yield [t]
 

@@ -4,6 +4,10 @@ Predictions JSONL, one line per example:
   {"id": str, "prediction": str, "retrieved": [passage ids, best first], "scores": [...] (optional)}
 evaluate() result, keyed by task file stem ("qa", "slot_filling", ...):
   {"qa": {"path", "format", "n", "missing", "em", "recall_source", "recall@1", "recall@5", ...}}
+Recall by provenance goes through a :class:`~imprag_ray.data.provenance.ProvenanceResolver`:
+with ``provenance="page_title"`` (real KILT over Atlas passages) a retrieved passage is a hit when
+it belongs to a provenance PAGE, and results add "provenance_unmatched" (examples none of whose
+pages is in the corpus); ``passage_id`` compares retrieved ids with the provenance ids.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imprag_ray.data.io import iter_rows, write_json_atomic
+from imprag_ray.data.provenance import ProvenanceResolver
 from imprag_ray.data.readers import FACT_CHECK_LABELS, iter_corpus, read_tasks
 from imprag_ray.data.records import DataError, TaskExample
 from imprag_ray.data.templates import format_passage
@@ -119,8 +124,15 @@ def score_task(
     preds: dict[str, dict[str, Any]],
     texts: dict[str, str] | None,
     ks: Sequence[int],
+    resolver: ProvenanceResolver | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one task file; a missing prediction counts as wrong and as a retrieval miss."""
+    """Metrics of one task file; a missing prediction counts as wrong and as a retrieval miss.
+
+    resolver: how provenance names gold passages (``data.provenance``); None = provenance ids
+    are passage ids (``passage_id``). A ``page_title`` resolver must hold the pages of these
+    examples (:meth:`ProvenanceResolver.from_corpus`).
+    """
+    resolver = resolver or ProvenanceResolver(mode="passage_id")
     n, missing, em = len(examples), 0, 0
     hits = {k: 0.0 for k in ks}
     modes = {_recall_mode(ex, texts is not None) for ex in examples}
@@ -135,14 +147,16 @@ def score_task(
             continue
         retrieved = pred["retrieved"]
         for k in ks:
-            if ex.provenance:
-                hits[k] += recall_at_k(retrieved, ex.provenance, k)
+            if resolver.has_provenance(ex):
+                hits[k] += resolver.recall_at_k(ex, retrieved, k)
             else:
-                hits[k] += answer_recall_at_k([texts.get(r, "") for r in retrieved], ex.answers, k)
+                hits[k] += answer_recall_at_k([(texts or {}).get(r, "") for r in retrieved], ex.answers, k)
     result: dict[str, Any] = {"n": n, "missing": missing, "em": em / n if n else None}
     result["recall_source"] = "+".join(sorted(modes)) if recall_ok else None  # type: ignore[arg-type]
     for k in ks:
         result[f"recall@{k}"] = hits[k] / n if recall_ok else None
+    if resolver.mode == "page_title":
+        result["provenance_unmatched"] = sum(resolver.unmatched(ex) for ex in examples)
     return result
 
 
@@ -161,15 +175,20 @@ def evaluate(
     corpus_path: str | os.PathLike | None = None,
     ks: Sequence[int] = (1, 5, 10),
     out_path: str | os.PathLike | None = None,
+    provenance: str = "passage_id",
 ) -> dict[str, dict[str, Any]]:
     """EM and recall@k per task file (see module docstring); optionally written to out_path.
 
-    Recall uses provenance ids when an example has them, else gold answer strings in the
+    Recall uses provenance when an example has it, else gold answer strings in the
     retrieved passages' texts (needs corpus_path); if neither works for some example, the
-    file's recall is null rather than a misleading partial number.
+    file's recall is null rather than a misleading partial number. provenance: the job's
+    ``data.provenance``; ``page_title`` needs corpus_path (page titles -> passages).
     """
     preds = read_predictions(predictions_path)
-    tasks = [read_tasks(path, fmt) for path, fmt in task_specs]
+    tasks = [read_tasks(path, fmt, provenance=provenance) for path, fmt in task_specs]
+    resolver = ProvenanceResolver.from_corpus(
+        corpus_path, provenance, (ex for ex_list in tasks for ex in ex_list)
+    )
     texts = None
     if corpus_path is not None:
         needed = {
@@ -182,7 +201,7 @@ def evaluate(
         texts = _load_texts(corpus_path, needed)
     results: dict[str, dict[str, Any]] = {}
     for key, (path, fmt), examples in zip(_task_keys(task_specs), task_specs, tasks, strict=True):
-        results[key] = {"path": str(path), "format": fmt, **score_task(examples, preds, texts, ks)}
+        results[key] = {"path": str(path), "format": fmt, **score_task(examples, preds, texts, ks, resolver)}
     if out_path is not None:
         write_json_atomic(out_path, results)
     return results

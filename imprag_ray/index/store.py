@@ -12,6 +12,12 @@ Layout of an index directory (written atomically: temp dir, then rename)::
     index.faiss     the FAISS index (inner product)
     ids.json        passage ids in index order
     manifest.json   IndexManifest
+
+The manifest also records the search settings of approximate indexes (``nprobe``: IVF
+lists visited per query; ``ef_search``: HNSW candidate list size), applied whenever the
+index is loaded (a loader may override them): FAISS itself defaults to one IVF list,
+which on an IVF65536 index visits 1/65536 of the corpus. An index in parts is loaded by
+:func:`imprag_ray.index.parts.load_index`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class IndexManifest:
     index_type: str  # FAISS factory string, e.g. "Flat", "IVF1024,PQ64", "HNSW32"
     corpus_fingerprint: str
     version: int = MANIFEST_VERSION
+    nprobe: int | None = None  # IVF lists searched per query (null: FAISS's default, 1)
+    ef_search: int | None = None  # HNSW efSearch (null: FAISS's default, 16)
 
 
 def corpus_fingerprint(path: str | os.PathLike) -> str:
@@ -62,6 +70,38 @@ def _faiss():
     return faiss
 
 
+def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+    """Set ``nprobe`` on the IVF level and ``efSearch`` on the HNSW level of one FAISS index
+    (through IndexPreTransform / IndexRefine / IndexIDMap wrappers); settings that do not
+    apply to the index type are skipped. ``nprobe`` is clamped to the IVF's list count.
+    Returns what was set, e.g. ``{"nprobe": 32}``."""
+    faiss = _faiss()
+    applied: dict[str, int] = {}
+    ivf = faiss.try_extract_index_ivf(index)
+    if nprobe is not None and ivf is not None:
+        ivf.nprobe = min(int(nprobe), int(ivf.nlist))
+        applied["nprobe"] = int(ivf.nprobe)
+    hnsw = _hnsw_level(index)
+    if ef_search is not None and hnsw is not None:
+        hnsw.hnsw.efSearch = int(ef_search)
+        applied["ef_search"] = int(ef_search)
+    return applied
+
+
+def _hnsw_level(index):
+    """The IndexHNSW inside ``index`` (unwrapping single-index wrappers), or None."""
+    faiss = _faiss()
+    current = faiss.downcast_index(index)
+    for _ in range(8):  # wrappers nest a few levels at most
+        if hasattr(current, "hnsw"):
+            return current
+        inner = getattr(current, "index", None)  # IndexPreTransform, IndexRefine, IndexIDMap
+        if inner is None:
+            return None
+        current = faiss.downcast_index(inner)
+    return None
+
+
 class PassageIndex(IdIndex):
     """A FAISS inner-product index over passage embeddings + ids + manifest."""
 
@@ -69,6 +109,17 @@ class PassageIndex(IdIndex):
         if index.ntotal != len(ids):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
         self.index, self.ids, self.manifest = index, list(ids), manifest
+        # Sub-indexes of an index in parts (faiss.IndexShards does not own them; they must
+        # stay alive as long as it does); empty for a single index.
+        self.parts: list[PassageIndex] = []
+
+    def set_search(self, *, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+        """Apply IVF ``nprobe`` / HNSW ``ef_search`` to this index, or to every part of an
+        index in parts (see :func:`set_search_params`). Returns what was set."""
+        applied: dict[str, int] = {}
+        for part in self.parts or [self]:
+            applied.update(set_search_params(part.index, nprobe=nprobe, ef_search=ef_search))
+        return applied
 
     @classmethod
     def build(
@@ -103,7 +154,9 @@ class PassageIndex(IdIndex):
             index.add(np.ascontiguousarray(emb, dtype=np.float32))
             ids.extend(shard_ids)
         manifest = IndexManifest(dim=dim, count=len(ids), index_type=index_type, **manifest_fields)
-        return cls(index, ids, manifest)
+        built = cls(index, ids, manifest)
+        built.set_search(nprobe=manifest.nprobe, ef_search=manifest.ef_search)
+        return built
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write index, ids and manifest atomically (temp dir next to ``out_dir``, rename)."""
@@ -123,8 +176,13 @@ class PassageIndex(IdIndex):
         checkpoint_hash: str,
         retrieval_layer: int | None = None,
         post_rope: bool | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> PassageIndex:
-        """Load an index, refusing one built with another checkpoint or embedding setting."""
+        """Load an index, refusing one built with another checkpoint or embedding setting.
+
+        The manifest's ``nprobe`` / ``ef_search`` are applied; the arguments override them.
+        """
         index_dir = Path(index_dir)
         manifest_path = index_dir / "manifest.json"
         if not manifest_path.exists():
@@ -145,4 +203,9 @@ class PassageIndex(IdIndex):
                 )
         index = _faiss().read_index(str(index_dir / "index.faiss"))
         ids = json.loads((index_dir / "ids.json").read_text())
-        return cls(index, ids, manifest)
+        loaded = cls(index, ids, manifest)
+        loaded.set_search(
+            nprobe=manifest.nprobe if nprobe is None else nprobe,
+            ef_search=manifest.ef_search if ef_search is None else ef_search,
+        )
+        return loaded

@@ -60,26 +60,22 @@ class BottomModel(ImpRAGModel):
         *,
         retrieval_layer: int | None = None,
         post_rope: bool | None = None,
+        max_passage_tokens: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> BottomModel:
         """Load only the bottom group of the checkpoint at ``path``.
 
-        ``retrieval_layer`` (b) and ``post_rope`` default to ``imprag_config.json``.
+        ``retrieval_layer`` (b), ``post_rope`` and ``max_passage_tokens`` (l_max) default to
+        ``imprag_config.json``. A plain HF snapshot (no such file, e.g. a base Llama-3) needs
+        ``retrieval_layer`` and ``max_passage_tokens``; its reader split t is unused here.
         Raises FileNotFoundError (no weights) and ValueError (bad settings / missing keys).
         """
         from transformers import AutoConfig, AutoModel
 
         path = Path(path)
-        if not (path / IMPRAG_CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{path}: no {IMPRAG_CONFIG_NAME}; is this an ImpRAG checkpoint?")
-        saved = json.loads((path / IMPRAG_CONFIG_NAME).read_text())
-        if retrieval_layer is not None:
-            saved["retrieval_layer"] = retrieval_layer
-        if post_rope is not None:
-            saved["post_rope"] = post_rope
-        config = ImpRAGConfig(**saved)
         hf_config = AutoConfig.from_pretrained(path)
+        config = _bottom_config(path, hf_config, retrieval_layer, post_rope, max_passage_tokens)
         b = config.retrieval_layer
         n = hf_config.num_hidden_layers
         if not 0 <= b < n:
@@ -112,6 +108,27 @@ class BottomModel(ImpRAGModel):
 
     def generate(self, *args, **kwargs):  # type: ignore[override]
         raise NotImplementedError("BottomModel only embeds; load ImpRAGModel to read and generate")
+
+
+def _bottom_config(path: Path, hf_config, retrieval_layer, post_rope, max_passage_tokens) -> ImpRAGConfig:
+    """The ImpRAG settings of a bottom model: the arguments, else ``imprag_config.json``."""
+    conf = path / IMPRAG_CONFIG_NAME
+    saved = json.loads(conf.read_text()) if conf.exists() else {}
+    given = {
+        "retrieval_layer": retrieval_layer,
+        "post_rope": post_rope,
+        "max_passage_tokens": max_passage_tokens,
+    }
+    saved.update({k: v for k, v in given.items() if v is not None})
+    missing = [k for k in ("retrieval_layer", "max_passage_tokens") if saved.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"{path}: no {IMPRAG_CONFIG_NAME} (a plain HF snapshot?) and {missing} not given; pass "
+            "them (retrieval_layer=b, max_passage_tokens=l_max) or use an ImpRAG checkpoint"
+        )
+    # The bottom group never reads passages: without a saved t, the last layer stands in.
+    saved.setdefault("reader_last_layer", hf_config.num_hidden_layers - 1)
+    return ImpRAGConfig(**saved)
 
 
 def _drop_unused(decoder: nn.Module, b: int) -> None:

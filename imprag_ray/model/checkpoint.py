@@ -163,13 +163,50 @@ def used_token_ids(tokenizer, texts: Iterable[str], batch: int = 2048) -> set[in
     return used
 
 
+# Pad tokens to use when a tokenizer names none (Meta's Llama-3 snapshots name none): the
+# first of these in the vocabulary, else the eos token. Pad positions are always masked, so
+# any id works; a token no text contains keeps logs and PAD-slot checks unambiguous.
+PAD_FALLBACKS = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved next to a checkpoint (right padding, as the model expects)."""
+    """The tokenizer saved next to a checkpoint (right padding, as the model expects).
+
+    A tokenizer without a pad token (Llama-3) gets one of :data:`PAD_FALLBACKS` (else its
+    eos token), so every batch can be padded.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "right"
+    if tok.pad_token_id is None:
+        vocab = tok.get_vocab()
+        tok.pad_token = next((t for t in PAD_FALLBACKS if t in vocab), tok.eos_token)
+    if tok.pad_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token; add one to "
+                         "tokenizer_config.json (pad_token)")
     return tok
+
+
+def stop_token_ids(path: str | os.PathLike, tokenizer=None) -> list[int]:
+    """Every id that ends a generated answer: ``eos_token_id`` of generation_config.json (a
+    list in instruct snapshots, e.g. ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``), else of
+    config.json, plus the tokenizer's eos token; deduplicated, in that order."""
+    import json
+
+    path = Path(path)
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        eos = json.loads(file.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids += eos if isinstance(eos, list) else [eos]
+            break
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in dict.fromkeys(ids)]
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:

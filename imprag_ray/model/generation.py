@@ -12,7 +12,7 @@ generated tokens stay masked in the cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -72,7 +72,7 @@ def generate_steps(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     prompt_state: PromptState | None = None,
@@ -80,8 +80,9 @@ def generate_steps(
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, [B], once per decoding step (streaming).
 
-    Rows that emitted ``eos_token_id`` are filled with ``pad_token_id`` afterwards;
-    decoding stops early once every row has finished.
+    Rows that emitted ``eos_token_id`` (one id, or several: a row stops at any of them, as
+    at Llama-3's ``<|eot_id|>`` / ``<|end_of_text|>``) are filled with ``pad_token_id``
+    afterwards; decoding stops early once every row has finished.
 
     Args:
         input_ids / attention_mask: right-padded prompts [B, L].
@@ -105,9 +106,10 @@ def generate_steps(
         if passage_mask is None:
             raise ValueError("passage_mask is required with passage_ids")
         passage_kv = model.encode_passage_kv(passage_ids, passage_mask)
+    stop = _stop_ids(eos_token_id)
     if pad_token_id is None:
         pad_token_id = model.lm.config.pad_token_id
-        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        pad_token_id = stop[0] if pad_token_id is None and stop else pad_token_id
         pad_token_id = 0 if pad_token_id is None else pad_token_id
 
     h, cache = model.continue_prompt(state, passage_kv)  # h: [B, L, D]
@@ -117,14 +119,15 @@ def generate_steps(
     logits = model.lm_logits(h[rows, lengths - 1])  # [B, V]
     cache_valid = state.valid
     finished = torch.zeros(bsz, dtype=torch.bool, device=h.device)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=h.device)  # [S]
     sample_args = dict(
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
     )
     for step in range(max_new_tokens):
         token = select_next(logits, **sample_args)  # [B]
-        if eos_token_id is not None:
+        if stop:
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            finished = finished | (token == eos_token_id)
+            finished = finished | torch.isin(token, stop_ids)
         yield token
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
@@ -141,3 +144,12 @@ def generate_steps(
         ]
         cache_valid = torch.cat([cache_valid, new_valid], dim=1)
         logits = model.lm_logits(x[:, 0])
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """``eos_token_id`` as a list of ids (empty: decode to ``max_new_tokens``)."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, Sequence):
+        return [int(i) for i in eos_token_id]
+    return [int(eos_token_id)]

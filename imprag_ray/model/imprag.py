@@ -163,10 +163,21 @@ class ImpRAGModel(nn.Module):
         with atomic_dir(out_dir, overwrite=True) as tmp:
             self.write_files(tmp)
 
-    def write_files(self, directory: str | os.PathLike) -> None:
+    def write_files(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write HF weights + config and ``imprag_config.json`` into an existing directory
-        (not atomic: callers that assemble a larger checkpoint wrap it in ``atomic_dir``)."""
-        self.lm.save_pretrained(directory)
+        (not atomic: callers that assemble a larger checkpoint wrap it in ``atomic_dir``).
+
+        ``dtype``: write the floating-point weights in this dtype (e.g. bf16 weights of a
+        mixed-precision job whose fp32 master weights stay untouched in memory); None = as held.
+        """
+        if dtype is None or all(p.dtype == dtype for p in self.lm.parameters()):
+            self.lm.save_pretrained(directory)
+        else:
+            self.lm.save_pretrained(directory, state_dict=_cast_state(self.lm, dtype))
+            config = Path(directory) / "config.json"  # save_pretrained records the held dtype
+            hf = json.loads(config.read_text())
+            hf["dtype"] = str(dtype).removeprefix("torch.")
+            config.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         (Path(directory) / IMPRAG_CONFIG_NAME).write_text(json.dumps(asdict(self.imprag_config), indent=2))
 
     def retriever_parameter(self, name: str) -> bool:
@@ -186,6 +197,11 @@ class ImpRAGModel(nn.Module):
         return self.retriever_parameter(name) or name.endswith("embed_tokens.weight")
 
     # -------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs built outside the model go here)."""
+        return next(self.parameters()).device
+
     @property
     def decoder(self) -> nn.Module:
         return self.lm.model
@@ -405,3 +421,16 @@ class ImpRAGModel(nn.Module):
 
         return generate(self, input_ids, attention_mask, passage_ids, passage_mask, **kwargs)
 
+
+def _cast_state(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``module.state_dict()`` on the CPU with floating-point tensors in ``dtype``; tied
+    weights stay one tensor (save_pretrained drops the alias by storage)."""
+    out: dict[str, Tensor] = {}
+    done: dict[tuple, Tensor] = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in done:
+            to = dtype if tensor.is_floating_point() else tensor.dtype
+            done[key] = tensor.detach().to("cpu", to)
+        out[name] = done[key]
+    return out

@@ -1,13 +1,18 @@
 """Batch offline inference on Ray Data (``imprag batch``; DESIGN §1 "Inference", issue 3 §3).
 
-    read KILT task files (read_text / read_parquet) -> prompt tokens (tasks)
+    read KILT task files (read_text / read_parquet) -> prompt tokens (tasks; inside the
+                   chat template with ``data.chat_template: true``)
       -> stage 1   QueryEncoder actors: bottom layers 0..b-1 + layer b's q_proj
                    (imprag_ray.model.bottom) -> query embedding
-      -> search    Searcher actors holding the index (``load_index``: refuses an index
-                   of another checkpoint) and the passages' tokens -> top ids, scores,
-                   the top_k passages' tokens; or BM25 over the whole prompt
-                   (``batch.retriever: bm25``, the explicit-query baseline)
-      -> stage 2   Generator actors: ``imprag_ray.engine.build_engine(kind)`` (torch / vLLM)
+      -> search    Searcher actors holding the index (``imprag_ray.index.load_index``:
+                   single or in parts; refuses an index of another checkpoint; the
+                   manifest's nprobe / ef_search unless ``batch.nprobe`` / ``batch.ef_search``)
+                   and the passages' tokens -> top ids, scores, the top_k passages' tokens;
+                   or BM25 over the whole prompt (``batch.retriever: bm25``, the
+                   explicit-query baseline)
+      -> stage 2   Generator actors: ``imprag_ray.engine.build_engine(kind)`` (torch / vLLM;
+                   vLLM is sized for data.max_prompt_tokens + max_new_tokens after the
+                   passage region); answers end at any of the checkpoint's stop ids
       -> the driver streams rows in input order into JSONL / Parquet (atomic)
       -> ``imprag_ray.eval.metrics.evaluate``: EM and recall@k per input file
 
@@ -65,6 +70,12 @@ def _settings(cfg) -> dict[str, Any]:
         if "://" not in spec.path and not Path(spec.path).is_file():
             raise ConfigError(f"batch.inputs[{i}].path", f"{spec.path!r} does not exist")
     output = bc.output or str(Path(cfg.output_dir) / "batch" / "predictions.jsonl")
+    chat = cfg.data.chat_template  # prompts as one user turn of the chat template
+    if chat and not getattr(_tokenizer(ckpt), "chat_template", None):
+        raise ConfigError(
+            "data.chat_template",
+            f"true, but the tokenizer of {ckpt} has no chat template; set it false (a base snapshot)",
+        )
     return {
         "checkpoint": ckpt,
         "inputs": inputs,
@@ -81,14 +92,34 @@ def _settings(cfg) -> dict[str, Any]:
         if cfg.model.post_rope is not None
         else saved.get("post_rope", False),
         "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "chat": chat,
+        "nprobe": bc.nprobe,
+        "ef_search": bc.ef_search,
     }
+
+
+def engine_options(cfg, s: dict) -> dict[str, Any]:
+    """``batch.engine_options`` plus, for vLLM, the request budget that sizes its
+    ``max_model_len`` (the options win)."""
+    options = dict(cfg.batch.engine_options)
+    if cfg.batch.engine == "vllm":
+        options.setdefault("max_prompt_tokens", s["max_prompt_tokens"])
+        options.setdefault("max_new_tokens", s["max_new_tokens"])
+    return options
 
 
 # ------------------------------------------------------------ Ray Data stages
 def parse_tasks(
-    batch: dict[str, np.ndarray], *, path: str, format: str, checkpoint: str, max_prompt_tokens: int
+    batch: dict[str, np.ndarray],
+    *,
+    path: str,
+    format: str,
+    checkpoint: str,
+    max_prompt_tokens: int,
+    chat: bool = False,
 ) -> dict:
-    """KILT rows (JSONL lines in ``text`` or Parquet columns) -> id, prompt text/tokens."""
+    """KILT rows (JSONL lines in ``text`` or Parquet columns) -> id, prompt text/tokens
+    (``chat``: the prompt as one user turn of the tokenizer's chat template)."""
     from imprag_ray.data.records import TaskExample
     from imprag_ray.data.templates import format_prompt
     from imprag_ray.data.tokenized import encode_prompt_text
@@ -118,7 +149,9 @@ def parse_tasks(
         ex = TaskExample(id=str(row["id"]), input=row["input"], answers=(), provenance=(), format=format)
         ids.append(ex.id)
         texts.append(format_prompt(ex))
-        prompts.append(np.asarray(encode_prompt_text(tok, texts[-1], max_prompt_tokens), dtype=np.int64))
+        prompts.append(
+            np.asarray(encode_prompt_text(tok, texts[-1], max_prompt_tokens, chat=chat), dtype=np.int64)
+        )
     n = len(ids)
     out_prompts = np.empty(n, dtype=object)
     out_prompts[:] = prompts if n else []
@@ -185,6 +218,8 @@ class Searcher:
         post_rope: bool,
         top_k: int,
         depth: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ):
         from imprag_ray.data.readers import read_corpus
         from imprag_ray.data.tokenized import PassageStore
@@ -200,13 +235,15 @@ class Searcher:
 
             self.bm25 = build_teacher("bm25", passages)
         else:
-            from imprag_ray.pipelines.encode import load_index
+            from imprag_ray.index.parts import load_index
 
             self.index = load_index(
                 index_dir,
                 checkpoint_hash=checkpoint_hash(checkpoint),
                 retrieval_layer=retrieval_layer,
                 post_rope=post_rope,
+                nprobe=nprobe,
+                ef_search=ef_search,
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -254,6 +291,7 @@ class Generator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from imprag_ray.engine import GenerationRequest
+        from imprag_ray.engine.base import cut_at_stop
         from imprag_ray.eval.predict import decode_answer
 
         requests = []
@@ -270,7 +308,8 @@ class Generator:
                 )
             )
         results = self.engine.generate(requests)
-        preds = [decode_answer(self.tokenizer, r.token_ids) for r in results]
+        stops = self.engine.stop_token_ids  # every eos id (engines already end there)
+        preds = [decode_answer(self.tokenizer, cut_at_stop(r.token_ids, stops)[0]) for r in results]
         # Cells that came through Arrow are numpy arrays; handed back as they are, Ray Data
         # cannot write them as Arrow lists and pickles the column. Plain lists stay list<...>.
         return {
@@ -303,6 +342,7 @@ def _read_inputs(inputs, s: dict, parse_cpus: float):
                 "format": spec.format,
                 "checkpoint": s["checkpoint"],
                 "max_prompt_tokens": s["max_prompt_tokens"],
+                "chat": s["chat"],
             },
         )
         datasets.append(ds)
@@ -347,6 +387,8 @@ def build_dataset(cfg, s: dict):
                 "post_rope": s["post_rope"],
                 "top_k": s["top_k"],
                 "depth": s["depth"],
+                "nprobe": s["nprobe"],
+                "ef_search": s["ef_search"],
             },
         )
     else:
@@ -359,7 +401,7 @@ def build_dataset(cfg, s: dict):
         fn_constructor_kwargs={
             "kind": bc.engine,
             "checkpoint": s["checkpoint"],
-            "options": dict(bc.engine_options),
+            "options": engine_options(cfg, s),
             "max_new_tokens": s["max_new_tokens"],
             "threads": bc.threads,
         },
@@ -505,10 +547,18 @@ def score(cfg, s: dict) -> dict[str, dict]:
     """EM and recall@k per input file over the examples that were run (``limit``s
     honoured), as :func:`imprag_ray.eval.metrics.score_task`; written to ``s["metrics"]``."""
     from imprag_ray.data.io import write_json_atomic
+    from imprag_ray.data.provenance import ProvenanceResolver
     from imprag_ray.data.readers import iter_corpus, read_tasks
     from imprag_ray.data.templates import format_passage
     from imprag_ray.eval.metrics import read_predictions, score_task
 
+    mode = cfg.data.provenance
+    inputs = []
+    for spec in s["inputs"]:
+        limit = min(x for x in (spec.limit, cfg.batch.limit, 10**18) if x)
+        inputs.append((spec, read_tasks(spec.path, spec.format, provenance=mode)[:limit]))
+    # page_title: recall joins retrieved passages to the gold pages through their titles
+    resolver = ProvenanceResolver.from_corpus(cfg.data.corpus, mode, [ex for _, exs in inputs for ex in exs])
     preds = read_predictions(s["output"])
     needed = {r for p in preds.values() for r in p["retrieved"][: max(cfg.eval.recall_ks)]}
     texts = {
@@ -517,14 +567,12 @@ def score(cfg, s: dict) -> dict[str, dict]:
         if p.id in needed
     }
     results: dict[str, dict] = {}
-    for spec in s["inputs"]:
-        limit = min(x for x in (spec.limit, cfg.batch.limit, 10**18) if x)
-        examples = read_tasks(spec.path, spec.format)[:limit]
+    for spec, examples in inputs:
         key = Path(spec.path).stem if Path(spec.path).stem not in results else spec.path
         results[key] = {
             "path": spec.path,
             "format": spec.format,
-            **score_task(examples, preds, texts, cfg.eval.recall_ks),
+            **score_task(examples, preds, texts, cfg.eval.recall_ks, resolver),
         }
     write_json_atomic(s["metrics"], results)
     return results

@@ -16,9 +16,14 @@ before the encoder and re-encodes only the rest. The driver holds at most one sh
 
 The FAISS index is then trained on a sample drawn from the shards and filled shard by
 shard (GPU FAISS when available), and saved with its manifest (checkpoint hash, b,
-post-RoPE, dim, count, type, corpus fingerprint). ``index.num_shards > 1`` writes
-that many index parts (``part-XXX/``) that :func:`load_index` joins in a
-``faiss.IndexShards``.
+post-RoPE, dim, count, type, corpus fingerprint, search settings ``index.nprobe`` /
+``index.ef_search``). ``index.num_shards > 1`` writes that many index parts
+(``part-XXX/``) that :func:`imprag_ray.index.parts.load_index` joins in a
+``faiss.IndexShards`` (re-exported here).
+
+The checkpoint may be a plain HF snapshot (no ``imprag_config.json``, e.g. a base
+Llama-3.2-3B): b, post-RoPE and l_max then come from the job's ``model:`` section
+(:func:`retrieval_settings`).
 """
 
 from __future__ import annotations
@@ -28,18 +33,19 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imprag_ray.data.io import atomic_dir, write_json_atomic
+from imprag_ray.config.loader import ConfigError
+from imprag_ray.data.io import write_json_atomic
+from imprag_ray.index.parts import PARTS_FILE, load_index, save_parts
 from imprag_ray.index.store import IndexManifest, PassageIndex, corpus_fingerprint
 
 log = logging.getLogger(__name__)
 BUILD_STATE = "build.json"
-PARTS_FILE = "parts.json"
+__all__ = ["PARTS_FILE", "build_faiss", "build_index", "encode_shards", "load_index", "retrieval_settings"]
 
 
 # ------------------------------------------------------------------ settings
@@ -69,6 +75,38 @@ def resolve_paths(cfg) -> dict[str, str]:
         "corpus": ic.corpus or cfg.data.corpus,
         "checkpoint": ic.checkpoint or cfg.model.path,
     }
+
+
+def retrieval_settings(cfg, checkpoint: str) -> dict[str, Any]:
+    """b, post-RoPE and l_max of the encoder: the job's ``model:`` section where it sets
+    them, else the checkpoint's ``imprag_config.json``; a plain HF snapshot (no such file)
+    needs ``model.retrieval_layer`` and ``model.max_passage_tokens`` in the job."""
+    from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
+
+    conf = Path(checkpoint) / IMPRAG_CONFIG_NAME
+    saved = json.loads(conf.read_text()) if conf.exists() else {}
+    m = cfg.model
+
+    def setting(key: str, example: str) -> int:
+        value = getattr(m, key) if getattr(m, key) is not None else saved.get(key)
+        if value is None:
+            raise ConfigError(
+                f"model.{key}",
+                f"{checkpoint} has no {IMPRAG_CONFIG_NAME} (a base HF snapshot?) and the job does not "
+                f"set it; set model.{key} (e.g. {example}) or point index.checkpoint at an ImpRAG "
+                "checkpoint",
+            )
+        return int(value)
+
+    b = setting("retrieval_layer", "7 for Llama-3.2-3B")
+    l_max = setting("max_passage_tokens", "256")
+    post_rope = m.post_rope if m.post_rope is not None else bool(saved.get("post_rope", False))
+    n = int(json.loads((Path(checkpoint) / "config.json").read_text())["num_hidden_layers"])
+    if not 0 <= b < n:
+        raise ConfigError(
+            "model.retrieval_layer", f"b={b} must be in 0..{n - 1} for this {n}-layer checkpoint"
+        )
+    return {"retrieval_layer": b, "post_rope": post_rope, "max_passage_tokens": l_max}
 
 
 def fingerprint(corpus: str) -> str:
@@ -139,7 +177,15 @@ def tokenize_batch(batch: dict[str, np.ndarray], *, checkpoint: str, l_max: int,
 class PassageEncoder:
     """Ray Data actor: layer-b passage embeddings of token batches (bottom layers only)."""
 
-    def __init__(self, checkpoint: str, retrieval_layer: int, post_rope: bool, threads: int, dtype: str):
+    def __init__(
+        self,
+        checkpoint: str,
+        retrieval_layer: int,
+        post_rope: bool,
+        threads: int,
+        dtype: str,
+        max_passage_tokens: int | None = None,
+    ):
         import torch
 
         from imprag_ray.model.bottom import BottomModel
@@ -150,6 +196,7 @@ class PassageEncoder:
             checkpoint,
             retrieval_layer=retrieval_layer,
             post_rope=post_rope,
+            max_passage_tokens=max_passage_tokens,
             dtype=getattr(torch, dtype),
             device=device,
         )
@@ -274,14 +321,11 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | No
     import ray
 
     from imprag_ray.model.checkpoint import checkpoint_hash
-    from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
 
     ic, paths = cfg.index, resolve_paths(cfg)
     ckpt = paths["checkpoint"]
-    saved = json.loads((Path(ckpt) / IMPRAG_CONFIG_NAME).read_text())
-    b = cfg.model.retrieval_layer if cfg.model.retrieval_layer is not None else saved["retrieval_layer"]
-    post_rope = cfg.model.post_rope if cfg.model.post_rope is not None else saved.get("post_rope", False)
-    l_max = cfg.model.max_passage_tokens or saved["max_passage_tokens"]
+    settings = retrieval_settings(cfg, ckpt)
+    b, post_rope, l_max = settings["retrieval_layer"], settings["post_rope"], settings["max_passage_tokens"]
     state = {
         "checkpoint_hash": checkpoint_hash(ckpt),
         "retrieval_layer": b,
@@ -330,6 +374,7 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | No
                 "post_rope": post_rope,
                 "threads": ic.threads,
                 "dtype": cfg.model.dtype,
+                "max_passage_tokens": l_max,
             },
         )
         written, window = _drain(ds, shard_dir, done, ic.shard_size, echo)
@@ -450,6 +495,7 @@ def build_faiss(cfg, report: dict, *, echo: Callable[[str], None] = print) -> Pa
         ) from err
     sample = train_sample(shard_dir, done, ic.train_sample, ic.seed) if not probe.is_trained else None
     fields = {k: report[k] for k in ("checkpoint_hash", "retrieval_layer", "post_rope", "corpus_fingerprint")}
+    fields.update(nprobe=ic.nprobe, ef_search=ic.ef_search)  # recorded; applied at every load
     use_gpu = ic.gpu_faiss and faiss.get_num_gpus() > 0
     if ic.num_shards > len(order):
         raise ValueError(
@@ -463,46 +509,9 @@ def build_faiss(cfg, report: dict, *, echo: Callable[[str], None] = print) -> Pa
     if ic.num_shards == 1:
         parts[0].save(out_dir)
     else:
-        with atomic_dir(out_dir, overwrite=True) as tmp:
-            for i, part in enumerate(parts):
-                part.save(tmp / f"part-{i:03d}")
-            count = sum(len(p) for p in parts)
-            manifest = replace(parts[0].manifest, count=count)
-            (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
-            (tmp / PARTS_FILE).write_text(json.dumps([f"part-{i:03d}" for i in range(len(parts))]))
+        save_parts(parts, out_dir)
     echo(f"index: {ic.type} over {sum(len(p) for p in parts)} passages in {len(parts)} part(s) -> {out_dir}")
     return out_dir
-
-
-def load_index(
-    index_dir: str | os.PathLike,
-    *,
-    checkpoint_hash: str,
-    retrieval_layer: int | None = None,
-    post_rope: bool | None = None,
-) -> PassageIndex:
-    """Load an index written by :func:`build_index` (one part or ``IndexShards`` of parts),
-    refusing one built with another checkpoint (``IndexMismatchError``)."""
-    index_dir = Path(index_dir)
-    check = {"checkpoint_hash": checkpoint_hash, "retrieval_layer": retrieval_layer, "post_rope": post_rope}
-    if not (index_dir / PARTS_FILE).exists():
-        return PassageIndex.load(index_dir, **check)
-    import faiss
-
-    parts = [
-        PassageIndex.load(index_dir / name, **check)
-        for name in json.loads((index_dir / PARTS_FILE).read_text())
-    ]
-    shards = faiss.IndexShards(parts[0].manifest.dim, False, True)  # successive ids
-    for p in parts:
-        shards.add_shard(p.index)
-    merged = PassageIndex(
-        shards,
-        [i for p in parts for i in p.ids],
-        replace(parts[0].manifest, count=sum(len(p) for p in parts)),
-    )
-    merged.parts = parts  # keep the sub-indexes alive (IndexShards does not own them)
-    return merged
 
 
 def build_index(cfg, *, echo: Callable[[str], None] = print, address: str | None = None) -> dict:

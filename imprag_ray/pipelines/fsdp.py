@@ -21,7 +21,11 @@ from torch import nn
 
 
 def shard_model(model: nn.Module, device: torch.device, *, bf16: bool = False) -> nn.Module:
-    """Shard ``model`` (an ImpRAGModel, in place) over all ranks of the default group."""
+    """Shard ``model`` (an ImpRAGModel, in place) over all ranks of the default group.
+
+    ``bf16``: mixed precision (``model.dtype: bfloat16``): the fp32 parameters stay the
+    sharded master copy; each unit's all-gather casts them to bf16 for forward/backward and
+    gradients are reduce-scattered in fp32 (``MixedPrecisionPolicy``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -50,12 +50,6 @@ def check_ray_config(cfg: TrainJobConfig) -> None:
             f"the global batch ({tc.batch_size}) must divide evenly over ray.num_workers "
             f"({rc.num_workers}); use a multiple of {rc.num_workers}",
         )
-    if rc.fsdp_bf16 and not (rc.strategy == "fsdp" and rc.use_gpu):
-        raise ConfigError(
-            "ray.fsdp_bf16",
-            "bf16 FSDP mixed precision needs ray.strategy: fsdp and ray.use_gpu: true; "
-            "remove it (CPU training runs fp32)",
-        )
 
 
 def storage_and_name(cfg: TrainJobConfig) -> tuple[str, str]:

@@ -10,6 +10,9 @@ on its rank, and adds only what distribution needs (arXiv 2506.02279 §3.2, DESI
 * DDP (``ray.train.torch.prepare_model``) averages the gradients, or with
   ``ray.strategy: fsdp`` FSDP2 shards the model (:mod:`imprag_ray.pipelines.fsdp`, wrapped
   here; all ranks make the same module calls, and join evaluation and saving);
+* ``model.dtype: bfloat16`` is mixed precision on every path: fp32 master weights with the
+  recipe's bf16 autocast (local, DDP, and rank-0 work on a gathered copy), or FSDP2's
+  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` on the sharded model;
 * rank 0 saves checkpoints (HF + optimizer/scheduler state, atomically) and reports them
   as ``ray.train.Checkpoint``; a restarted worker group resumes from the latest one.
 """
@@ -20,8 +23,8 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,27 +50,44 @@ class DistributedRecipe(ImpRAGRecipe):
     worker joins the in-batch-negative gather whenever any worker's batch has retrieval
     rows (collectives must be entered by all ranks)."""
 
-    def __init__(self, *args, group=None, device: torch.device | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, group=None, device: torch.device | None = None, shard_after_setup: bool = False,
+                 **kwargs):
+        super().__init__(*args, device=device, **kwargs)
         self.group = group
-        self.device = device or torch.device("cpu")
+        # FSDP: setup leaves the full model (and a resumed full optimizer state) on the CPU;
+        # shard() moves only this rank's shards to the device (a full fp32 Adam state of an 8B
+        # model would not fit one GPU next to the model).
+        self.shard_after_setup = shard_after_setup
         self.timed_tokens, self.timed_seconds = 0, 0.0  # this epoch's train steps only
         self.fsdp = False  # set by shard()
+        self._sharded: torch.nn.Module | None = None  # the FSDP-sharded model (self.model, except in gathered())
 
     # ------------------------------------------------------------------ FSDP
-    def shard(self, bf16: bool = False) -> None:
-        """FSDP2-shard the model (see :mod:`imprag_ray.pipelines.fsdp`) and rebuild the
+    def shard(self) -> None:
+        """FSDP2-shard the model (see :mod:`imprag_ray.pipelines.fsdp`; bf16 compute with
+        fp32 gradient reduction for a ``model.dtype: bfloat16`` job) and rebuild the
         optimizer and scheduler over the sharded parameters, keeping their state (a
         resumed run's full optimizer state is sharded like the parameters)."""
         from imprag_ray.pipelines.fsdp import load_full_optimizer_state, shard_model
 
         full_opt, sched = self.optimizer.state_dict(), self.scheduler.state_dict()
-        shard_model(self.model, self.device, bf16=bf16)
+        shard_model(self.model, self.device, bf16=self.bf16)
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         load_full_optimizer_state(self.optimizer, full_opt)
         self.scheduler.load_state_dict(sched)
-        self.fsdp = True
+        self.fsdp, self._sharded = True, self.model
+
+    def _place_model(self) -> None:
+        if not self.shard_after_setup:
+            super()._place_model()
+
+    def autocast(self):
+        """The sharded model computes in bf16 through FSDP's MixedPrecisionPolicy (no
+        autocast on top); everything else (DDP, the gathered copy) as the recipe."""
+        if self.fsdp and self.model is self._sharded:
+            return contextlib.nullcontext()
+        return super().autocast()
 
     @contextlib.contextmanager
     def gathered(self):
@@ -168,10 +188,6 @@ class DistributedRecipe(ImpRAGRecipe):
             self.model(ids, torch.ones_like(ids), ids.view(1, 1, 1), torch.ones_like(ids).view(1, 1, 1))
         self.model.train(was_training)
 
-    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        for batch in super().epoch_batches(epoch):
-            yield _to_device(batch, self.device)
-
     def train_step(self, batch: Batch) -> dict[str, float]:
         start = time.perf_counter()
         metrics = self._train_step(batch)
@@ -188,7 +204,8 @@ class DistributedRecipe(ImpRAGRecipe):
             dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
             if anyone.item() and not mine:
                 # Contribute zero rows; forward and backward of the gather still run here.
-                nothing = torch.zeros(0, self.model.embedding_dim, device=self.device, requires_grad=True)
+                nothing = torch.zeros(0, self.model.embedding_dim, device=self.device,
+                                      dtype=self.compute_dtype, requires_grad=True)
                 rows, _ = self.gather(nothing)
                 # Zero gradient for every rank's rows: the gather's backward sums what each
                 # rank puts on them (rows.sum() here used to add 1 to the other ranks' rows).
@@ -259,13 +276,6 @@ def _idle_retrieval_batch(batch: Batch) -> Batch:
         negative=~one,
         candidates=torch.zeros(1, 1, dtype=torch.long, device=tokens.device),
     )
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
-    return replace(batch, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
 
 # --------------------------------------------------------------------- logging
@@ -378,6 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
         gather=(lambda x: all_gather_rows(x, group)) if world > 1 else None,
         group=group,
         device=device,
+        shard_after_setup=cfg.ray.strategy == "fsdp" and world > 1,
     )
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt else contextlib.nullcontext(None) as resume_dir:
@@ -410,9 +421,7 @@ def _wrap_model(recipe: DistributedRecipe, cfg: TrainJobConfig, world: int) -> N
     if cfg.ray.strategy == "fsdp":
         # Our own FSDP2 wrap (prepare_model wraps FSDP only on CUDA), CPU/gloo and GPU/NCCL.
         if world > 1:
-            recipe.shard(bf16=cfg.ray.use_gpu and cfg.ray.fsdp_bf16)
-        else:
-            model.to(recipe.device)
+            recipe.shard()  # (one worker: the plain model, already on its device)
         return
     # No collective may run inside DDP's forward: workers call the model a different
     # number of times (teacher scoring, rank-0 eval) and a worker with no retrieval rows

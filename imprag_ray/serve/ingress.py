@@ -2,7 +2,8 @@
 
 Per request: check the API key and size, parse and validate (:mod:`imprag_ray.serve.api`),
 pin the request to the active version, tokenise the raw prompt like training does
-(:func:`imprag_ray.data.tokenized.encode_prompt_text`), call the retrieval stage, then
+(:func:`imprag_ray.data.tokenized.encode_prompt_text`; inside the checkpoint's chat
+template as one user turn when ``chat_template: true``), call the retrieval stage, then
 the generation stage, and answer with the passages and the version hash both stages
 used. A stage call whose replica died (process killed, node lost) is retried on another
 replica until ``retry.deadline_s``; Serve restores the dead replica meanwhile.
@@ -45,6 +46,27 @@ def _checkpoint_k(checkpoint: str) -> int:
     return int(json.loads((Path(checkpoint) / IMPRAG_CONFIG_NAME).read_text()).get("num_passages", 10))
 
 
+def prompt_ids(tokenizer, parsed: api.ParsedRequest, max_prompt_tokens: int, chat: bool) -> list[int]:
+    """The prompt's token ids (``<s>`` + text, or the chat template around it), refused with
+    a 400 when longer than ``max_prompt_tokens`` (the template's tokens count too)."""
+    from imprag_ray.data.tokenized import encode_prompt_text
+
+    field = "messages" if parsed.kind == "chat" else "prompt"
+    too_long = api.APIError(
+        400,
+        f"the prompt is longer than max_prompt_tokens={max_prompt_tokens} tokens; shorten it",
+        field,
+        "prompt_too_long",
+    )
+    try:  # one token over the limit tells a prompt that was cut from one that fits
+        ids = encode_prompt_text(tokenizer, parsed.prompt, max_prompt_tokens + 1, chat=chat)
+    except ValueError:  # the chat template alone does not fit
+        raise too_long from None
+    if len(ids) > max_prompt_tokens:
+        raise too_long
+    return ids
+
+
 class StageError(RuntimeError):
     """A stage answered with an error or with another version than the request's."""
 
@@ -62,7 +84,7 @@ class Ingress:
                 raise ValueError(
                     f"auth.api_key_env: environment variable {self.cfg.auth.api_key_env} is not set"
                 )
-        self.tokenizers = VersionCache(self._load_tokenizer)
+        self.tokenizers = VersionCache(functools.partial(self._load_tokenizer, self.cfg.chat_template))
         self.active: Version | None = None
         self.inflight: Counter[str] = Counter()
         self.name = replica_name()
@@ -72,10 +94,16 @@ class Ingress:
 
     # ------------------------------------------------------------ versioning
     @staticmethod
-    def _load_tokenizer(version: Version):
+    def _load_tokenizer(chat: bool, version: Version):
         from imprag_ray.model.checkpoint import load_tokenizer
 
-        return load_tokenizer(version.checkpoint)
+        tokenizer = load_tokenizer(version.checkpoint)
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"chat_template: true, but the tokenizer of {version.checkpoint} has no chat template; "
+                "set chat_template: false (a base snapshot) or serve an instruct checkpoint"
+            )
+        return tokenizer
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.reload.poll_interval_s):
@@ -126,19 +154,7 @@ class Ingress:
         return api.parse_json_body(await request.body(), self.cfg.limits)
 
     def _prompt_ids(self, tokenizer, parsed: api.ParsedRequest) -> list[int]:
-        from imprag_ray.data.tokenized import encode_prompt_text
-
-        limit = self.cfg.limits.max_prompt_tokens
-        ids = encode_prompt_text(tokenizer, parsed.prompt, limit + 1)
-        if len(ids) > limit:
-            field = "messages" if parsed.kind == "chat" else "prompt"
-            raise api.APIError(
-                400,
-                f"the prompt is longer than max_prompt_tokens={limit} tokens; shorten it",
-                field,
-                "prompt_too_long",
-            )
-        return ids
+        return prompt_ids(tokenizer, parsed, self.cfg.limits.max_prompt_tokens, self.cfg.chat_template)
 
     # ----------------------------------------------------------- stage calls
     async def _retry(self, call, what: str):

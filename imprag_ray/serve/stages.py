@@ -1,8 +1,10 @@
 """The two inference stages as Serve replica classes (DESIGN §1 "Inference", §2).
 
 ``RetrievalStage``: stage 1 only — embeddings + layers 0..b of the checkpoint, the
-tokenizer, the FAISS index (refused unless its manifest names the checkpoint) and the
-corpus texts the index ids point into. Requests are batched dynamically
+tokenizer, the FAISS index (single or in parts, through
+:func:`imprag_ray.index.parts.load_index`; refused unless its manifest names the
+checkpoint; ``search.nprobe`` / ``search.ef_search`` override the manifest's search
+settings) and the corpus texts the index ids point into. Requests are batched dynamically
 (``@serve.batch``): one bottom-layer forward and one FAISS search per batch and version.
 
 ``GenerationStage``: the full model inside a generation engine (``torch`` or ``vllm``,
@@ -77,6 +79,63 @@ class RetrievalState:
     version: Version
 
 
+def load_retrieval_state(cfg: ServeJobConfig, version: Version, corpus: dict) -> RetrievalState:
+    """What a retrieval replica holds for one version: bottom layers, tokenizer, index."""
+    from imprag_ray.index.parts import load_index
+    from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
+    from imprag_ray.serve.versions import check_expectation, load_bottom_model
+
+    if checkpoint_hash(version.checkpoint) != version.hash:
+        raise VersionMismatchError(f"{version.checkpoint} changed on disk since version {version.hash[:12]}")
+    check_expectation(version.checkpoint, cfg.model)
+    model = load_bottom_model(version.checkpoint, cfg.model.dtype).to(_device())
+    index = load_index(
+        version.index,
+        checkpoint_hash=version.hash,
+        retrieval_layer=model.b,
+        post_rope=model.imprag_config.post_rope,
+        nprobe=cfg.search.nprobe,
+        ef_search=cfg.search.ef_search,
+    )
+    unknown = [pid for pid in index.ids[:1000] if pid not in corpus]
+    if unknown:
+        raise VersionMismatchError(
+            f"index {version.index} names passages missing from corpus {cfg.corpus} "
+            f"(e.g. {unknown[0]!r}); serve the corpus the index was built from"
+        )
+    return RetrievalState(model, load_tokenizer(version.checkpoint), index, version)
+
+
+def search_passages(state: RetrievalState, corpus: dict, requests: list[dict]) -> list[dict]:
+    """One bottom-layer forward and one FAISS search for a batch of {prompt_ids, top_k}
+    requests -> per request {hash, passages: [{id, title, score, token_ids}]}."""
+    import torch
+
+    from imprag_ray.data.templates import format_passage
+
+    model = state.model
+    width = max(len(r["prompt_ids"]) for r in requests)
+    ids = torch.zeros(len(requests), width, dtype=torch.long)  # [B, L]
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(requests):
+        ids[i, : len(r["prompt_ids"])] = torch.tensor(r["prompt_ids"])
+        mask[i, : len(r["prompt_ids"])] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        query = model.encode_prompt(ids.to(device), mask.to(device)).query_embedding  # [B, h_kv * d_h]
+    depth = max(r["top_k"] for r in requests)
+    found, scores = state.index.search(query.float().cpu().numpy(), depth)
+    results = []
+    for i, r in enumerate(requests):
+        passages = []
+        for pid, score in zip(found[i][: r["top_k"]], scores[i].tolist(), strict=False):
+            p = corpus[pid]
+            tokens = state.tokenizer(format_passage(p), add_special_tokens=False)["input_ids"][: model.l_max]
+            passages.append({"id": pid, "title": p.title, "score": float(score), "token_ids": tokens})
+        results.append({"hash": state.version.hash, "passages": passages})
+    return results
+
+
 class RetrievalStage:
     """Prompt token ids -> top-k passages (id, title, score, token ids) of one version."""
 
@@ -92,29 +151,7 @@ class RetrievalStage:
         self.sync = ReplicaSync(control, "retrieval", self.cache, self.cfg.reload.poll_interval_s)
 
     def _load(self, version: Version) -> RetrievalState:
-        from imprag_ray.index.store import PassageIndex
-        from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
-        from imprag_ray.serve.versions import check_expectation, load_bottom_model
-
-        if checkpoint_hash(version.checkpoint) != version.hash:
-            raise VersionMismatchError(
-                f"{version.checkpoint} changed on disk since version {version.hash[:12]}"
-            )
-        check_expectation(version.checkpoint, self.cfg.model)
-        model = load_bottom_model(version.checkpoint, self.cfg.model.dtype).to(_device())
-        index = PassageIndex.load(
-            version.index,
-            checkpoint_hash=version.hash,
-            retrieval_layer=model.b,
-            post_rope=model.imprag_config.post_rope,
-        )
-        unknown = [pid for pid in index.ids[:1000] if pid not in self.corpus]
-        if unknown:
-            raise VersionMismatchError(
-                f"index {version.index} names passages missing from corpus {self.cfg.corpus} "
-                f"(e.g. {unknown[0]!r}); serve the corpus the index was built from"
-            )
-        return RetrievalState(model, load_tokenizer(version.checkpoint), index, version)
+        return load_retrieval_state(self.cfg, version, self.corpus)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def retrieve(self, requests: list[dict]) -> list[dict]:
@@ -127,33 +164,7 @@ class RetrievalStage:
         )
 
     def _search(self, state: RetrievalState, requests: list[dict]) -> list[dict]:
-        import torch
-
-        from imprag_ray.data.templates import format_passage
-
-        model = state.model
-        width = max(len(r["prompt_ids"]) for r in requests)
-        ids = torch.zeros(len(requests), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(requests):
-            ids[i, : len(r["prompt_ids"])] = torch.tensor(r["prompt_ids"])
-            mask[i, : len(r["prompt_ids"])] = 1
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            query = model.encode_prompt(ids.to(device), mask.to(device)).query_embedding  # [B, h_kv * d_h]
-        depth = max(r["top_k"] for r in requests)
-        found, scores = state.index.search(query.float().cpu().numpy(), depth)
-        results = []
-        for i, r in enumerate(requests):
-            passages = []
-            for pid, score in zip(found[i][: r["top_k"]], scores[i].tolist(), strict=False):
-                p = self.corpus[pid]
-                tokens = state.tokenizer(format_passage(p), add_special_tokens=False)["input_ids"][
-                    : model.l_max
-                ]
-                passages.append({"id": pid, "title": p.title, "score": float(score), "token_ids": tokens})
-            results.append({"hash": state.version.hash, "passages": passages})
-        return results
+        return search_passages(state, self.corpus, requests)
 
     async def info(self) -> dict:
         return {
@@ -162,6 +173,18 @@ class RetrievalStage:
             "pid": os.getpid(),
             "held": self.cache.held(),
         }
+
+
+def engine_options(cfg: ServeJobConfig) -> dict[str, Any]:
+    """``engine.options`` plus what the job implies: the torch engine's dtype, and for vLLM
+    the request budget (``limits``) that sizes its ``max_model_len`` (options win)."""
+    options = dict(cfg.engine.options)
+    if cfg.engine.kind == "torch":
+        options.setdefault("dtype", cfg.model.dtype)
+    else:
+        options.setdefault("max_prompt_tokens", cfg.limits.max_prompt_tokens)
+        options.setdefault("max_new_tokens", cfg.limits.max_tokens)
+    return options
 
 
 class GenerationStage:
@@ -180,10 +203,7 @@ class GenerationStage:
         from imprag_ray.serve.versions import check_expectation
 
         check_expectation(version.checkpoint, self.cfg.model)
-        options = dict(self.cfg.engine.options)
-        if self.cfg.engine.kind == "torch":
-            options.setdefault("dtype", self.cfg.model.dtype)
-        engine = build_engine(self.cfg.engine.kind, version.checkpoint, **options)
+        engine = build_engine(self.cfg.engine.kind, version.checkpoint, **engine_options(self.cfg))
         if engine.checkpoint_hash != version.hash:
             engine.close()
             raise VersionMismatchError(

@@ -1,6 +1,7 @@
 """Turn task examples + teacher rankings into training tensors (Ray-free).
 
-A training item is a prompt (``<s>`` + template text), a target (answer + ``</s>``) and,
+A training item is a prompt (``<s>`` + template text, or with ``chat=True`` the template text
+as one user turn of the tokenizer's chat template), a target (answer + the tokenizer's eos) and,
 for retrieval formats, the teacher's passage ids: the top-k read in context, the
 positives and hard negatives for warmup NCE, the candidates for self-distillation.
 Retrieval-free items (instruction tasks, plain corpus text) carry no passages.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -54,18 +55,21 @@ def make_item(
     max_target_tokens: int,
     rng: random.Random,
     shuffle_context: bool = False,
+    chat: bool = False,
 ) -> Item:
     """Tokenise one example; ``ranking`` = teacher passage ids (retrieval formats only).
 
     ``shuffle_context`` puts the teacher's top-k in random order in the reader's context:
     the teacher's best passage is then not always first, as at inference, where the
-    model's own retrieval decides the order.
+    model's own retrieval decides the order. ``chat`` (``data.chat_template``) wraps the
+    prompt in the tokenizer's chat template; ``corpus_text`` items stay plain LM text.
     """
     if example.format == "corpus_text":
         prompt_text, target_text = "", example.answers[0]
+        chat = False
     else:
         prompt_text, target_text = format_prompt(example), format_target(example.answers[0])
-    prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens)
+    prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens, chat=chat)
     target = tokenizer(target_text, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
     target = [*target, tokenizer.eos_token_id]
     if example.format not in RETRIEVAL_FORMATS or not ranking:
@@ -96,20 +100,23 @@ def make_reading_item(
     max_prompt_tokens: int,
     max_target_tokens: int,
     rng: random.Random,
+    chat: bool = False,
+    gold: str | None = None,
 ) -> Item:
-    """A reader-only item: the example's gold passage plus k-1 passages drawn from
-    ``others`` in random order in the reader's context; no retrieval labels (J_gen only).
+    """A reader-only item: the example's gold passage (``gold``, default its first provenance
+    id) plus k-1 passages drawn from ``others`` in random order in the reader's context; no
+    retrieval labels (J_gen only).
 
     Reading with the gold passage at hand is the easy case of what retrieval-format items
     need; it teaches the middle layers to copy from the passages early (measured: without
     it the tiny model learns the answer type but not to read).
     """
-    if not example.provenance:
+    gold = gold or (example.provenance[0] if example.provenance else None)
+    if gold is None:
         raise ValueError(f"example {example.id!r} has no provenance; a reading item needs its gold passage")
     item = make_item(example, tokenizer, None, k=k, num_positives=0, hard_negative_ranks=(0, 0),
                      num_hard_negatives=0, num_candidates=0, max_prompt_tokens=max_prompt_tokens,
-                     max_target_tokens=max_target_tokens, rng=rng)
-    gold = example.provenance[0]
+                     max_target_tokens=max_target_tokens, rng=rng, chat=chat)
     pool = [pid for pid in rng.sample(list(others), min(len(others), k)) if pid != gold][: k - 1]
     item.context = [gold, *pool]
     rng.shuffle(item.context)
@@ -144,6 +151,12 @@ class Batch:
     negative: Tensor
     candidates: Tensor
     stage: str = "warmup"
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch with every tensor on ``device`` (itself when already there)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors = {k: v for k, v in tensors.items() if isinstance(v, Tensor) and v.device != device}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items()}) if tensors else self
 
 
 def collate(

@@ -9,10 +9,21 @@ Each step optimises ``J = J_gen + lambda * J_ret`` on a mixed batch: retrieval-f
 examples read the teacher's top-k passages and train the retriever (warmup NCE for the
 first ``warmup_epochs``, then self-distillation from the model's own answer
 likelihoods); retrieval-free examples (instructions, corpus text) add to J_gen only.
+
+Device and precision: the model moves to the recipe's ``device`` before the optimizer is
+built or its state loaded, and batches are built there. ``model.dtype: bfloat16`` is mixed
+precision: the weights (the optimizer's master copy) and the optimizer state stay fp32,
+forward and loss run under ``torch.autocast(bfloat16)``, and checkpoints are written in
+bf16 (a resumed bf16 job starts from those bf16 weights, so its fp32 masters are rounded
+once to bf16; the optimizer state is resumed in full). AdamW straight on bf16 weights, as
+before, lost every update smaller than half a bf16 step of its weight: 20 steps at lr 2e-5
+on the tests' tiny model (weights of std 0.02) moved 25% of the weights, against 99.99% in
+fp32 and with fp32 masters (``tests/train/test_mixed_precision.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,17 +38,19 @@ from torch import Tensor
 from imprag_ray.config.loader import ConfigError, to_dict
 from imprag_ray.config.schema import TaskFile, TrainJobConfig
 from imprag_ray.data.io import atomic_dir
+from imprag_ray.data.provenance import ProvenanceResolver
 from imprag_ray.data.readers import read_corpus, read_tasks
 from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
 from imprag_ray.data.templates import format_passage
 from imprag_ray.data.tokenized import PassageStore
 from imprag_ray.eval.metrics import score_task
 from imprag_ray.eval.predict import encode_corpus, predict
-from imprag_ray.model.checkpoint import load_tokenizer
+from imprag_ray.model.checkpoint import load_tokenizer, stop_token_ids
 from imprag_ray.model.imprag import ImpRAGConfigError, ImpRAGModel
 from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce, response_nll
 from imprag_ray.retrievers.teachers import build_teacher
 from imprag_ray.train.batching import Batch, Item, collate, make_item, make_reading_item
+from imprag_ray.train.eval_corpus import eval_passage_ids, teacher_rankings
 
 # gather(local [M, d]) -> (all workers' passages [M_all, d], offset of the local rows in it);
 # the local rows must keep their gradient (Ray Train's all-gather does so for its own rank).
@@ -45,11 +58,14 @@ GatherFn = Callable[[Tensor], tuple[Tensor, int]]
 STATE_NAME = "trainer_state.pt"
 
 
-def read_task_files(specs: tuple[TaskFile, ...]) -> list[tuple[TaskFile, list[TaskExample]]]:
-    """Read each configured task file (first ``limit`` examples)."""
+def read_task_files(
+    specs: tuple[TaskFile, ...], provenance: str = "passage_id"
+) -> list[tuple[TaskFile, list[TaskExample]]]:
+    """Read each configured task file (first ``limit`` examples); ``provenance`` is
+    ``data.provenance`` (``page_title`` needs a title on every provenance entry)."""
     out = []
     for spec in specs:
-        examples = read_tasks(spec.path, spec.format)
+        examples = read_tasks(spec.path, spec.format, provenance=provenance)
         out.append((spec, examples[: spec.limit] if spec.limit else examples))
     return out
 
@@ -65,8 +81,11 @@ class ImpRAGRecipe:
         world_size: int = 1,
         gather: GatherFn | None = None,
         log: Callable[[dict], None] | None = None,
+        device: torch.device | str | None = None,
     ):
         self.cfg = cfg
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.bf16 = cfg.model.dtype == "bfloat16"  # mixed precision (fp32 masters, bf16 compute)
         self.rank, self.world_size = rank, world_size
         self.gather = gather or (lambda x: (x, 0))
         self.log = log or (lambda row: None)
@@ -79,7 +98,8 @@ class ImpRAGRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: str | os.PathLike | None = None) -> None:
-        """Load model, tokenizer, corpus, tasks, teacher labels, optimizer (and state)."""
+        """Load model (onto ``device``), tokenizer, corpus, tasks, teacher labels, then the
+        optimizer over the placed weights (and its state, which lands on their device)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         # Denormal floats (common in freshly initialised small models) make CPU kernels
@@ -87,26 +107,16 @@ class ImpRAGRecipe:
         torch.set_flush_denormal(True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        m = cfg.model
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-        path = Path(resume_from) if resume_from else Path(m.path)
-        try:
-            self.model = ImpRAGModel.from_pretrained(
-                path,
-                retrieval_layer=m.retrieval_layer,
-                reader_last_layer=m.reader_last_layer,
-                max_passage_tokens=m.max_passage_tokens,
-                num_passages=m.num_passages,
-                post_rope=m.post_rope,
-                dtype=dtype,
-            )
-        except ImpRAGConfigError as err:
-            raise ConfigError(f"model.{err.field}", str(err).split(": ", 1)[1]) from None
-        self.tokenizer = load_tokenizer(m.path)
+        self.model = self._load_model(Path(resume_from) if resume_from else Path(cfg.model.path))
+        self._place_model()
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.stop_ids = stop_token_ids(cfg.model.path, self.tokenizer)  # eval answers end at any
         self.passages = read_corpus(cfg.data.corpus)
         self.store = PassageStore(self.passages, self.tokenizer, self.model.l_max)
         self.passage_texts = {p.id: format_passage(p) for p in self.passages}  # answer-string recall
-        train = read_task_files(cfg.data.train)
+        # Which passages an example's provenance names (KILT: every passage of the gold pages).
+        self.resolver = ProvenanceResolver(self.passages, cfg.data.provenance)
+        train = read_task_files(cfg.data.train, cfg.data.provenance)
         if not any(exs for _, exs in train):
             raise ValueError("data.train lists no examples; add at least one task file")
         # Items in file order (the Ray Train example source indexes them that way).
@@ -115,6 +125,35 @@ class ImpRAGRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         if resume_from:
             self._load_state(Path(resume_from))
+
+    def _load_model(self, path: Path) -> ImpRAGModel:
+        """The checkpoint at ``path`` in fp32 (a bf16 job's master weights are fp32 too)."""
+        m = self.cfg.model
+        try:
+            return ImpRAGModel.from_pretrained(
+                path,
+                retrieval_layer=m.retrieval_layer,
+                reader_last_layer=m.reader_last_layer,
+                max_passage_tokens=m.max_passage_tokens,
+                num_passages=m.num_passages,
+                post_rope=m.post_rope,
+                dtype=torch.float32,
+            )
+        except ImpRAGConfigError as err:
+            raise ConfigError(f"model.{err.field}", str(err).split(": ", 1)[1]) from None
+
+    def _place_model(self) -> None:
+        """Move the model to ``device``; setup calls it before the optimizer is built."""
+        self.model.to(self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the recipe's device for a bf16 job (a no-op for fp32 jobs)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and embeddings are computed in."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     @property
     def closed_book(self) -> bool:
@@ -125,13 +164,15 @@ class ImpRAGRecipe:
             return self._make_items(examples)
         d = self.cfg.data
         rng = random.Random(f"{self.cfg.seed}-{spec.path}")
-        missing = next((ex.id for ex in examples if not ex.provenance), None)
+        gold = {ex.id: self.resolver.reading_passage(ex, self.passage_texts) for ex in examples}
+        missing = next((ex_id for ex_id, pid in gold.items() if pid is None), None)
         if missing is not None:
-            raise ConfigError("data.train", f"{spec.path}: example {missing!r} has no provenance, "
-                              "which context: gold needs; use context: teacher for this file")
+            raise ConfigError("data.train", f"{spec.path}: example {missing!r} has no provenance passage in "
+                              "the corpus, which context: gold needs; use context: teacher for this file")
         return [make_reading_item(ex, self.tokenizer, self.store.order, k=self.model.k,
                                   max_prompt_tokens=d.max_prompt_tokens,
-                                  max_target_tokens=d.max_target_tokens, rng=rng) for ex in examples]
+                                  max_target_tokens=d.max_target_tokens, rng=rng,
+                                  chat=d.chat_template, gold=gold[ex.id]) for ex in examples]
 
     def _make_items(self, examples: list[TaskExample]) -> list[Item]:
         t = self.cfg.teacher
@@ -148,8 +189,10 @@ class ImpRAGRecipe:
                 rankings.update({ex.id: [pid for pid, _ in r] for ex, r in zip(chunk, ranked, strict=False)})
             if t.provenance_positives:
                 for ex in retrieval:
-                    gold = list(dict.fromkeys(ex.provenance))
-                    rankings[ex.id] = gold + [pid for pid in rankings.get(ex.id, []) if pid not in gold]
+                    ranking = rankings.get(ex.id, [])
+                    gold = self.resolver.order_gold(ex, ranking)[: t.num_positives]
+                    # other passages of a gold page are neither positives nor hard negatives
+                    rankings[ex.id] = gold + [pid for pid in ranking if not self.resolver.is_gold(ex, pid)]
         rng = random.Random(self.cfg.seed)
         d = self.cfg.data
         return [
@@ -159,6 +202,7 @@ class ImpRAGRecipe:
                 hard_negative_ranks=t.hard_negative_ranks, num_hard_negatives=t.num_hard_negatives,
                 num_candidates=t.num_candidates, max_prompt_tokens=d.max_prompt_tokens,
                 max_target_tokens=d.max_target_tokens, rng=rng, shuffle_context=d.shuffle_context,
+                chat=d.chat_template,
             )
             for ex in examples
         ]
@@ -173,9 +217,13 @@ class ImpRAGRecipe:
             decay = 0.0 if p.dim() < 2 or "norm" in name else tc.weight_decay
             lr = tc.retriever_lr if tc.retriever_lr is not None and self.model.retriever_parameter(name) else tc.lr
             groups.setdefault((lr, decay), []).append(p)
+        # On CUDA the fused kernel: no foreach temporaries the size of the weights (a 3B
+        # model's fp32 masters are 12.8 GB). DTensor (FSDP) parameters keep the default.
+        params = [p for ps in groups.values() for p in ps]
+        fused = all(p.device.type == "cuda" and type(p.data) is torch.Tensor for p in params)
         return torch.optim.AdamW(
             [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-            lr=tc.lr, betas=(0.9, 0.98),
+            lr=tc.lr, betas=(0.9, 0.98), **({"fused": True} if fused else {}),
         )
 
     @property
@@ -217,25 +265,27 @@ class ImpRAGRecipe:
             order = order + order
         for s in range(self.steps_per_epoch):
             chunk = [self.items[i] for i in order[s * tc.batch_size : (s + 1) * tc.batch_size]]
-            yield collate(chunk, self.store, self.model.k, self.tokenizer.pad_token_id,
-                          with_passages=not self.closed_book, stage=self.stage(epoch))
+            batch = collate(chunk, self.store, self.model.k, self.tokenizer.pad_token_id,
+                            with_passages=not self.closed_book, stage=self.stage(epoch))
+            yield batch.to(self.device)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step of J = J_gen + lambda * J_ret (J_ret of ``batch.stage``);
         returns scalar metrics."""
         tc = self.cfg.train
         self.model.train()
-        out = self.model(
-            batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
-            query_index=batch.query_index,
-        )
-        j_gen = response_nll(out.logits, batch.labels, tc.gen_loss_average)
-        metrics = {"j_gen": j_gen.item()}
-        loss = j_gen
-        if bool(batch.retrieval.any()) and not self.closed_book:
-            j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch)
-            loss = loss + tc.lambda_ret * j_ret
-            metrics.update(ret_metrics)
+        with self.autocast():  # forward and losses; backward runs outside, as autocast wants
+            out = self.model(
+                batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
+                query_index=batch.query_index,
+            )
+            j_gen = response_nll(out.logits, batch.labels, tc.gen_loss_average)
+            metrics = {"j_gen": j_gen.item()}
+            loss = j_gen
+            if bool(batch.retrieval.any()) and not self.closed_book:
+                j_ret, ret_metrics = self.retrieval_loss(out.query_embedding[batch.retrieval], batch)
+                loss = loss + tc.lambda_ret * j_ret
+                metrics.update(ret_metrics)
         return self.apply_gradients(loss, metrics)
 
     def apply_gradients(self, loss: Tensor, metrics: dict[str, float]) -> dict[str, float]:
@@ -278,19 +328,20 @@ class ImpRAGRecipe:
     @torch.no_grad()
     def teacher_logliks(self, batch: Batch) -> Tensor:
         """log P_LM(answer | p, q) for every candidate p, one passage at a time: [R, C]."""
-        rows = batch.retrieval.nonzero().squeeze(1)
-        cand = batch.candidates
+        rows = batch.retrieval.nonzero().squeeze(1)  # [R] batch rows of the retrieval rows
+        cand = batch.candidates  # [R, C] pool indices, -1 = none
         r_idx, c_idx = (cand >= 0).nonzero(as_tuple=True)
-        out = torch.full(cand.shape, -1e4)
+        out = torch.full(cand.shape, -1e4, device=cand.device)  # [R, C], fp32
         was_training = self.model.training
         self.model.eval()
-        for start in range(0, len(r_idx), 64):
-            r, c = r_idx[start : start + 64], c_idx[start : start + 64]
-            src = rows[r]
-            p_tok = batch.pool_tokens[cand[r, c]].unsqueeze(1)  # [n, 1, l_max]
-            p_mask = batch.pool_mask[cand[r, c]].unsqueeze(1)
-            res = self.model(batch.input_ids[src], batch.attention_mask[src], p_tok, p_mask)
-            out[r, c] = answer_loglik(res.logits, batch.labels[src])
+        with self.autocast():
+            for start in range(0, len(r_idx), 64):
+                r, c = r_idx[start : start + 64], c_idx[start : start + 64]
+                src = rows[r]
+                p_tok = batch.pool_tokens[cand[r, c]].unsqueeze(1)  # [n, 1, l_max]
+                p_mask = batch.pool_mask[cand[r, c]].unsqueeze(1)
+                res = self.model(batch.input_ids[src], batch.attention_mask[src], p_tok, p_mask)
+                out[r, c] = answer_loglik(res.logits, batch.labels[src])
         self.model.train(was_training)
         return out
 
@@ -320,29 +371,40 @@ class ImpRAGRecipe:
     def evaluate(self, split: str = "dev", *, limit: int | None = None, write: bool = True) -> dict:
         """EM and recall@k per task file of ``data.<split>`` with the current weights.
 
-        ImpRAG mode re-encodes the corpus with the current bottom layers and retrieves
-        with the model's own query embeddings; closed-book mode reads no passages.
+        ImpRAG mode re-encodes the passages it searches with the current bottom layers (the
+        whole corpus, or the ``eval.corpus_sample`` sub-corpus, see :meth:`eval_passages`)
+        and retrieves with the model's own query embeddings; each result then says how many
+        passages were searched (``corpus_size``) and whether that was a sub-corpus.
+        Closed-book mode reads no passages.
         """
         ec = self.cfg.eval
         limit = limit or ec.limit
+        specs = getattr(self.cfg.data, split)
+        tasks = [(spec, exs[:limit] if limit else exs)
+                 for spec, exs in read_task_files(specs, self.cfg.data.provenance)]
         self.model.eval()
-        index = None if self.closed_book else encode_corpus(self.model, self.store)
         top_k = ec.top_k or self.model.k
         depth = max(top_k, *ec.recall_ks)  # retrieve deep enough for every recall@k
-        results: dict[str, dict] = {}
-        predictions: list[dict] = []
-        for spec, examples in read_task_files(getattr(self.cfg.data, split)):
-            examples = examples[:limit] if limit else examples
-            preds = predict(
-                self.model, self.tokenizer, self.store, examples, index=index, top_k=top_k,
-                search_depth=depth,
-                max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
-                max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-            )
-            predictions.extend(preds)
-            key = Path(spec.path).stem
-            by_id = {p["id"]: p for p in preds}
-            results[key] = {"format": spec.format, **score_task(examples, by_id, self.passage_texts, ec.recall_ks)}
+        searched: dict = {}
+        with self.autocast():
+            index = None
+            if not self.closed_book:
+                ids = self.eval_passages([ex for _, exs in tasks for ex in exs], split, depth)
+                index = encode_corpus(self.model, self.store, ids=ids)
+                searched = {"corpus_size": len(index), "sub_corpus": len(index) < len(self.store)}
+            results: dict[str, dict] = {}
+            predictions: list[dict] = []
+            for spec, examples in tasks:
+                preds = predict(
+                    self.model, self.tokenizer, self.store, examples, index=index, top_k=top_k,
+                    search_depth=depth, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+                    max_prompt_tokens=self.cfg.data.max_prompt_tokens, stop_ids=self.stop_ids,
+                    chat=self.cfg.data.chat_template,
+                )
+                predictions.extend(preds)
+                by_id = {p["id"]: p for p in preds}
+                scores = score_task(examples, by_id, self.passage_texts, ec.recall_ks, self.resolver)
+                results[Path(spec.path).stem] = {"format": spec.format, **scores, **searched}
         if write and self.rank == 0:
             from imprag_ray.data.io import write_json_atomic, write_jsonl_atomic
 
@@ -352,12 +414,29 @@ class ImpRAGRecipe:
             write_json_atomic(out / f"{split}-metrics.json", results)
         return results
 
+    def eval_passages(self, examples: list[TaskExample], split: str, depth: int) -> list[str] | None:
+        """Passage ids evaluation searches: None = the whole corpus (``eval.corpus_sample``
+        null), else the bounded sub-corpus of :func:`eval_passage_ids`, the same for every
+        evaluation of ``split`` in a run (seeded by the job's seed), with the teacher's top
+        ``depth`` for each example where the teacher is already built or is a labels file."""
+        size = self.cfg.eval.corpus_sample
+        if size is None or size >= len(self.store):
+            return None
+        teacher = getattr(self, "_teacher", None)
+        t = self.cfg.teacher
+        if teacher is None and t.kind == "labels":
+            teacher = self._teacher = build_teacher(t.kind, self.passages, t.path)
+        rankings = teacher_rankings(teacher, examples, depth) if teacher is not None else []
+        seed = f"{self.cfg.seed}-eval-{split}"
+        return eval_passage_ids(self.store.order, examples, size, seed, rankings, self.resolver.gold_ids)
+
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
-        """HF weights + tokenizer + ImpRAG config + optimizer/scheduler state, atomically."""
+        """HF weights (in the job's dtype) + tokenizer + ImpRAG config + optimizer/scheduler
+        state, atomically."""
         out_dir = Path(out_dir or self.output_dir / "checkpoints" / f"epoch-{self.epoch:03d}")
         with atomic_dir(out_dir, overwrite=True) as tmp:
-            self.model.write_files(tmp)
+            self.model.write_files(tmp, dtype=torch.bfloat16 if self.bf16 else None)
             self.tokenizer.save_pretrained(tmp)
             torch.save({
                 "epoch": self.epoch, "step": self.step,
@@ -368,7 +447,9 @@ class ImpRAGRecipe:
         return out_dir
 
     def _load_state(self, ckpt: Path) -> None:
-        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+        """Optimizer/scheduler/RNG state of ``ckpt``. Read onto the CPU; the optimizer then
+        puts each state tensor on its parameter's device (the model is already there)."""
+        state = torch.load(ckpt / STATE_NAME, weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

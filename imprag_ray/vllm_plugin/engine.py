@@ -5,6 +5,22 @@ be called from any number of threads at once and all their requests meet in vLLM
 continuous batching. Requests are laid out as in :mod:`imprag_ray.vllm_plugin.layout`
 and run by the out-of-tree ``ImpRAGLlamaForCausalLM``; greedy tokens equal the torch
 reference engine's in fp32. ``reload`` swaps weights in the running engine.
+
+Sizes the engine from the job, not from the checkpoint's context length (131072 for
+Llama-3.x, whose KV cache alone would need GiBs per sequence):
+
+* ``max_model_len`` = k * l_max + ``max_prompt_tokens`` + ``max_new_tokens`` (the request
+  budget the job passes: batch ``data.max_prompt_tokens`` + ``max_new_tokens``, serve
+  ``limits``), capped by the model's ``max_position_embeddings``;
+* ``max_num_batched_tokens`` = a whole request per step (max_model_len, at most 8192) and
+  at least ``max_num_seqs`` (vLLM 0.32's rule with chunked prefill, which is always on);
+* the KV cache: ``kv_cache_gib`` when given; on CPU else ``VLLM_CPU_KVCACHE_SPACE`` (vLLM
+  reads it) or room for ``max_num_seqs`` full sequences within a quarter of the memory
+  available now; on GPU vLLM's ``gpu_memory_utilization``.
+
+Generation stops at any of the checkpoint's stop ids (every eos id of
+generation_config.json, as Llama-3 instruct lists three). PAD slots of the passage region
+are marked in the token ids themselves (:mod:`.layout`), so no pad token id is needed.
 """
 
 from __future__ import annotations
@@ -25,6 +41,8 @@ from imprag_ray.engine.base import (
     GenerationRequest,
     GenerationResult,
     Sampling,
+    checkpoint_stop_ids,
+    cut_at_stop,
 )
 from imprag_ray.model.checkpoint import checkpoint_hash
 from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
@@ -34,6 +52,13 @@ from imprag_ray.vllm_plugin.layout import encode_request, region_length
 T = TypeVar("T")
 GiB = 1 << 30
 _DONE = object()
+# Request budget when the caller gives none (the Serve app's default limits).
+DEFAULT_MAX_PROMPT_TOKENS = 512
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_AUTO_BATCHED_TOKENS = 8192  # prefill chunk cap of the automatic max_num_batched_tokens
+CPU_KV_SHARE = 0.25  # at most this share of the memory available now for an automatic CPU KV cache
+CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV block size
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "float": 4}
 # config.json keys that must not change across reload (the engine's shapes depend on them)
 _SHAPE_KEYS = (
     "hidden_size",
@@ -56,14 +81,73 @@ def _read_json(path: Path) -> dict:
         ) from None
 
 
-def _eos_id(checkpoint_dir: Path, hf_config: dict) -> int | None:
-    """EOS as the torch engine picks it: generation_config.json first, else config.json."""
-    eos = None
-    gen = checkpoint_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-    eos = hf_config.get("eos_token_id") if eos is None else eos
-    return eos[0] if isinstance(eos, list) else eos
+def kv_bytes_per_token(hf_config: dict, dtype: str) -> int:
+    """KV-cache bytes one token takes over all layers (K and V, every KV head)."""
+    heads = int(hf_config["num_attention_heads"])
+    head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
+    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+    size = DTYPE_BYTES.get(str(dtype).replace("torch.", ""), 4)
+    return int(hf_config["num_hidden_layers"]) * 2 * kv_heads * head_dim * size
+
+
+def derive_max_model_len(
+    hf_config: dict, region: int, max_prompt_tokens: int | None, max_new_tokens: int | None
+) -> int:
+    """Passage region + prompt + generated tokens, capped by the model's context length."""
+    want = (
+        region + (max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS) + (max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    )
+    limit = hf_config.get("max_position_embeddings")
+    return min(want, int(limit)) if limit else want
+
+
+def derive_batched_tokens(given: int | None, max_model_len: int, max_num_seqs: int) -> int:
+    """``max_num_batched_tokens``: the given value (checked against vLLM's rule), else one
+    whole request per scheduler step, capped at MAX_AUTO_BATCHED_TOKENS."""
+    if given is None:
+        return max(max_num_seqs, min(max_model_len, MAX_AUTO_BATCHED_TOKENS))
+    if given < max_num_seqs:
+        raise EngineError(
+            f"max_num_batched_tokens={given} < max_num_seqs={max_num_seqs}: vLLM needs room for one "
+            "token of every running sequence per step; raise max_num_batched_tokens or lower max_num_seqs"
+        )
+    return given
+
+
+def auto_cpu_kv_cache_bytes(per_token: int, max_model_len: int, max_num_seqs: int, available: int) -> int:
+    """KV cache for ``max_num_seqs`` sequences of ``max_model_len`` tokens (whole blocks),
+    at most CPU_KV_SHARE of ``available`` bytes, at least one full sequence."""
+    blocks = -(-max_model_len // CPU_BLOCK_SIZE) + 1  # + 1: a partly filled block
+    per_seq = blocks * CPU_BLOCK_SIZE * per_token
+    cap = int(available * CPU_KV_SHARE)
+    if per_seq > cap:
+        raise EngineError(
+            f"one sequence of max_model_len={max_model_len} needs {per_seq / GiB:.2f} GiB of KV cache, more "
+            f"than {CPU_KV_SHARE:.0%} of the {available / GiB:.1f} GiB of memory available; lower the "
+            "request budget (max_prompt_tokens / max_new_tokens, or max_model_len) or set kv_cache_gib"
+        )
+    return max(per_seq, min(per_seq * max_num_seqs, cap))
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _kv_cache_bytes(
+    kv_cache_gib: float | None, hf: dict, dtype: str, max_model_len: int, max_num_seqs: int
+) -> int | None:
+    """``kv_cache_memory_bytes`` for vLLM, or None to let vLLM size it (GPU:
+    gpu_memory_utilization; CPU with VLLM_CPU_KVCACHE_SPACE set: that many GiB)."""
+    if kv_cache_gib is not None:
+        return int(kv_cache_gib * GiB)
+    if not _on_cpu() or os.environ.get("VLLM_CPU_KVCACHE_SPACE", ""):
+        return None
+    import psutil
+
+    per_token = kv_bytes_per_token(hf, dtype)
+    return auto_cpu_kv_cache_bytes(per_token, max_model_len, max_num_seqs, psutil.virtual_memory().available)
 
 
 def _ensure_plugin_visible() -> None:
@@ -90,11 +174,15 @@ class VLLMEngine(GenerationEngine):
         checkpoint_dir: HF-format ImpRAG checkpoint (config.json + imprag_config.json).
         dtype: model and KV-cache dtype.
         max_num_seqs / max_num_batched_tokens: vLLM's scheduler limits (a prompt longer
-            than ``max_num_batched_tokens`` is prefilled in chunks).
+            than ``max_num_batched_tokens`` is prefilled in chunks); default for the
+            latter: see the module docstring.
         enable_prefix_caching: reuse KV of shared prefixes (e.g. the same passages).
-        kv_cache_gib: memory reserved for the KV cache.
-        max_model_len: longest sequence (region + prompt + output); default: the model's.
-        engine_args: any further ``vllm.AsyncEngineArgs`` field.
+        kv_cache_gib: memory reserved for the KV cache (default: sized from the device).
+        max_model_len: longest sequence (region + prompt + output); default: k * l_max +
+            ``max_prompt_tokens`` + ``max_new_tokens``.
+        max_prompt_tokens / max_new_tokens: the request budget (defaults 512 / 256).
+        enforce_eager: keep True: the ImpRAG attention backend has no CUDA-graph support.
+        engine_args: any further ``vllm.AsyncEngineArgs`` field (e.g. gpu_memory_utilization).
     """
 
     kind = "vllm"
@@ -105,10 +193,12 @@ class VLLMEngine(GenerationEngine):
         *,
         dtype: str = "float32",
         max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
-        kv_cache_gib: float = 0.5,
+        kv_cache_gib: float | None = None,
         max_model_len: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_new_tokens: int | None = None,
         enforce_eager: bool = True,
         seed: int = 0,
         **engine_args: Any,
@@ -123,12 +213,23 @@ class VLLMEngine(GenerationEngine):
         self._k = int(self._imprag.get("num_passages", 10))
         self._l_max = int(self._imprag["max_passage_tokens"])
         self._vocab = int(self._hf["vocab_size"])
-        self._eos = _eos_id(path, self._hf)
+        self._stops = checkpoint_stop_ids(path)
+        self._eos = self._stops[0] if self._stops else None
         self._hash = checkpoint_hash(path)
         _ensure_plugin_visible()
         register()  # this process too (the entry point covers vLLM's own processes)
 
         from vllm import AsyncEngineArgs
+
+        if max_model_len is None:
+            region = region_length(self._k, self._l_max)
+            max_model_len = derive_max_model_len(self._hf, region, max_prompt_tokens, max_new_tokens)
+        max_num_batched_tokens = derive_batched_tokens(max_num_batched_tokens, max_model_len, max_num_seqs)
+        kv_bytes = None  # vLLM sizes the cache from engine_args' own memory setting, if any
+        if kv_cache_gib is not None or not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(
+            engine_args
+        ):
+            kv_bytes = _kv_cache_bytes(kv_cache_gib, self._hf, dtype, max_model_len, max_num_seqs)
 
         overrides = {
             "architectures": [ARCHITECTURE],
@@ -146,14 +247,14 @@ class VLLMEngine(GenerationEngine):
             "max_num_batched_tokens": max_num_batched_tokens,
             "enable_chunked_prefill": True,
             "enable_prefix_caching": enable_prefix_caching,
-            "kv_cache_memory_bytes": int(kv_cache_gib * GiB),
+            "max_model_len": max_model_len,
             "enforce_eager": enforce_eager,
             "seed": seed,
             "worker_extension_cls": "imprag_ray.vllm_plugin.worker.ImpRAGWorkerExtension",
             "disable_log_stats": True,  # engine_args may set False: then preemptions are counted
         }
-        if max_model_len is not None:
-            options["max_model_len"] = max_model_len
+        if kv_bytes is not None:
+            options["kv_cache_memory_bytes"] = kv_bytes
         try:
             args = AsyncEngineArgs(**{**options, **engine_args})
         except TypeError as e:  # an unknown engine option
@@ -202,6 +303,10 @@ class VLLMEngine(GenerationEngine):
     def eos_token_id(self) -> int | None:
         return self._eos
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self._stops)
+
     # -------------------------------------------------------------- generation
     def _prepare(self, request: GenerationRequest, *, delta: bool):
         from vllm import SamplingParams
@@ -222,7 +327,8 @@ class VLLMEngine(GenerationEngine):
             region = 0 if request.passages is None else region_length(self._k, self._l_max)
             raise EngineError(
                 f"prompt_ids: {len(request.prompt_ids)} tokens after a passage region of {region} "
-                f"do not fit max_model_len={self.max_model_len}; shorten the prompt"
+                f"do not fit max_model_len={self.max_model_len}; shorten the prompt or start the engine "
+                "with a larger max_prompt_tokens (or max_model_len)"
             )
         s: Sampling = request.sampling
         params = SamplingParams(
@@ -231,7 +337,7 @@ class VLLMEngine(GenerationEngine):
             top_k=s.top_k,
             top_p=s.top_p,
             seed=s.seed,
-            stop_token_ids=[] if self._eos is None else [self._eos],
+            stop_token_ids=list(self._stops),
             detokenize=False,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
@@ -244,10 +350,9 @@ class VLLMEngine(GenerationEngine):
                 self.preemptions += out.metrics.num_preemptions
 
     def _strip(self, tokens: Sequence[int]) -> tuple[list[int], bool]:
-        tokens = list(tokens)
-        if self._eos is not None and self._eos in tokens:
-            return tokens[: tokens.index(self._eos)], True
-        return tokens, False
+        """Tokens before the first stop id (vLLM returns the stop id itself), and whether
+        one was generated."""
+        return cut_at_stop(tokens, self._stops)
 
     async def _generate_one(self, prompt: dict, params, request_id: str) -> GenerationResult:
         tokens: list[int] = []
@@ -336,9 +441,11 @@ class VLLMEngine(GenerationEngine):
                 "architecture (start a new engine for another shape)"
             )
         new_hash = checkpoint_hash(path)
+        stops = checkpoint_stop_ids(path)
         with self._reload_lock:
             self._call(self._swap(str(path.resolve())))
             self._hash = new_hash
+            self._stops, self._eos = stops, (stops[0] if stops else None)
         return new_hash
 
     async def _swap(self, source: str) -> None:

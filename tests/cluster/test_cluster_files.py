@@ -1,10 +1,15 @@
 """Every file in clusters/ loads and is consistent: Ray's own schema for the `ray up` YAML,
 GPU counts that agree between Ray and Kubernetes for KubeRay, images that exist in one
-build, entrypoints that name real job files, and capacities that jobs can be checked against."""
+build, entrypoints that name real job files, and capacities that jobs can be checked against.
+And the GPU clusters can run the paper jobs: the shared volume at /mnt/data on the head and
+every worker, S3 credentials, vLLM's V1 model runner pinned, the job code's working_dir, Ray
+token authentication; job comments state GPU memory as estimates, not as measurements."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import re
 import shlex
 from pathlib import Path
 
@@ -61,7 +66,8 @@ def test_kuberay_images_come_from_the_dockerfile_build_and_entrypoints_name_real
         entry = spec.get("entrypoint")
         if entry:
             argv = shlex.split(entry)
-            assert argv[0] == "imprag" and (ROOT / argv[argv.index("--config") + 1]).is_file(), entry
+            assert argv[:3] == ["python", "-m", "imprag_ray.cli"], entry  # as `imprag submit` runs it
+            assert (ROOT / argv[argv.index("--config") + 1]).is_file(), entry
         rv = (spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec).get("rayVersion")
         assert rv == "2.60.0", f"{p}: rayVersion must match the pinned Ray"
 
@@ -100,7 +106,7 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
         load_cluster(other)
 
 
-PAPER_JOBS = {"llama3_2_3b_imprag.yaml": (7, 19, "ddp"), "llama3_1_8b_imprag.yaml": (7, 23, "fsdp")}
+PAPER_JOBS = {"llama3_2_3b_imprag.yaml": (7, 19, "fsdp"), "llama3_1_8b_imprag.yaml": (7, 23, "fsdp")}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_JOBS))
@@ -131,3 +137,169 @@ def test_paper_scale_jobs_fit_the_gpu_clusters(name):
             check_cluster(cfg, ROOT / cluster, command)
     with pytest.raises(ConfigError, match=r"ray\.num_workers"):
         check_cluster(cfg, ROOT / "clusters/local.yaml", "train")
+
+
+# ---- the GPU clusters can run the paper jobs -------------------------------------------
+DATA = "/mnt/data"
+V1_PIN = {"name": "VLLM_USE_V2_MODEL_RUNNER", "value": "0"}
+
+
+def _kuberay_cluster(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
+        doc["kind"]
+    ]
+
+
+def _pod_groups(path: Path) -> list[tuple[str, dict]]:
+    """(name, pod spec) of the head and every worker group of a KubeRay manifest."""
+    cluster = _kuberay_cluster(yaml.safe_load(path.read_text()))
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    return [(name, g["template"]["spec"]) for name, g in groups]
+
+
+def _aws() -> dict:
+    return yaml.safe_load((ROOT / "clusters/aws-gpu.yaml").read_text())
+
+
+def _paper_and_serve_job_paths() -> list[str]:
+    from imprag_ray.config.loader import load_config
+    from imprag_ray.config.schema import TrainJobConfig
+    from imprag_ray.config.serve_schema import ServeJobConfig
+
+    paths = []
+    for name in PAPER_JOBS:
+        cfg = load_config(TrainJobConfig, ROOT / "jobs" / name)
+        paths += [cfg.output_dir, cfg.model.path, cfg.data.corpus, cfg.teacher.path, cfg.index.out_dir]
+        paths += [f.path for f in cfg.data.train + cfg.data.dev + cfg.data.eval]
+    serve = load_config(ServeJobConfig, ROOT / "jobs/serve_llama3_2_3b.yaml")
+    return [*paths, serve.checkpoint, serve.index, serve.corpus]
+
+
+def test_jobs_read_and_write_only_under_the_shared_volume():
+    paths = _paper_and_serve_job_paths()
+    assert paths and all(p.startswith(DATA + "/") for p in paths), [p for p in paths if not p.startswith(DATA)]
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_head_and_workers_mount_the_shared_volume_with_s3_credentials(path):
+    read_only = yaml.safe_load(path.read_text())["kind"] == "RayService"  # serving only reads
+    for name, pod in _pod_groups(path):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == DATA]
+        assert len(mounts) == 1, f"{path.name} {name}: no volume at {DATA}"
+        claim = volumes[mounts[0]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == "imprag-data", f"{path.name} {name}"
+        assert bool(mounts[0].get("readOnly")) == read_only, f"{path.name} {name}"
+        # S3 (ray.storage_path) through IRSA: the pod's ServiceAccount carries the IAM role
+        assert pod.get("serviceAccountName") == "imprag-ray", f"{path.name} {name}"
+    assert "eks.amazonaws.com/role-arn" in (ROOT / "clusters/kuberay/raycluster.yaml").read_text()
+
+
+def test_aws_nodes_mount_efs_at_the_shared_path_and_have_instance_profiles():
+    doc = _aws()
+    assert f"--volume {DATA}:{DATA}" in doc["docker"]["run_options"]  # host mount -> container
+    mounts = [c for c in doc["initialization_commands"] if " mount " in f" {c} " and c.rstrip().endswith(DATA)]
+    assert mounts and "nfs4" in mounts[0] and "efs" in mounts[0]
+    for name, node in doc["available_node_types"].items():
+        profile = node["node_config"].get("IamInstanceProfile") or {}
+        assert profile.get("Name") or profile.get("Arn"), f"{name}: no IamInstanceProfile for S3"
+
+
+def test_vllm_v1_model_runner_is_pinned_everywhere_vllm_can_run():
+    for path in KUBERAY:
+        for name, pod in _pod_groups(path):
+            for c in pod["containers"]:
+                gpus = float(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+                if gpus > 0:
+                    assert V1_PIN in c.get("env", []), f"{path.name} {name}: {V1_PIN['name']} not set"
+    job = yaml.safe_load((ROOT / "clusters/kuberay/rayjob-llama3-3b-train.yaml").read_text())
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    service = yaml.safe_load((ROOT / "clusters/kuberay/rayservice-llama3-3b.yaml").read_text())
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["runtime_env"]["env_vars"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "--env VLLM_USE_V2_MODEL_RUNNER=0" in _aws()["docker"]["run_options"]
+    assert re.search(r"^ENV VLLM_USE_V2_MODEL_RUNNER=0$", (ROOT / "clusters/Dockerfile").read_text(), re.M)
+    # the switch is the one the installed vLLM reads ("0" -> False -> the V1 runner)
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vllm is not installed")
+    vllm_dir = Path(next(iter(spec.submodule_search_locations)))
+    assert '"VLLM_USE_V2_MODEL_RUNNER": lambda: maybe_convert_bool(' in (vllm_dir / "envs.py").read_text()
+    assert "use_v2_model_runner = envs.VLLM_USE_V2_MODEL_RUNNER" in (vllm_dir / "config/vllm.py").read_text()
+
+
+def test_rayjob_runs_the_image_code_as_imprag_submit_would():
+    from imprag_ray.submit import build_submission
+
+    doc = yaml.safe_load((ROOT / "clusters/kuberay/rayjob-llama3-3b-train.yaml").read_text())
+    env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+    workdir = "/home/ray/imprag-ray"
+    assert env["working_dir"] == f"local://{workdir}"
+    dockerfile = (ROOT / "clusters/Dockerfile").read_text()
+    assert f"WORKDIR {workdir}" in dockerfile
+    assert all(f"COPY --chown=ray:users {d} ./{d}" in dockerfile for d in ("imprag_ray", "jobs"))
+    config = shlex.split(doc["spec"]["entrypoint"])[-1]
+    sub = build_submission(ROOT / config, "train", [], ROOT)
+    assert doc["spec"]["entrypoint"] == sub["entrypoint"]
+    assert sub["runtime_env"]["env_vars"].items() <= env["env_vars"].items()
+    service = yaml.safe_load((ROOT / "clusters/kuberay/rayservice-llama3-3b.yaml").read_text())
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["runtime_env"]["working_dir"] == f"local://{workdir}"
+
+
+def _repo_text_files() -> list[Path]:
+    """The project's own text files (tests write throwaway jobs/*.yaml of their own: skipped)."""
+    skip = {".git", "runs", "tests", "node_modules", "__pycache__"}
+    suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".sh", ".json"}
+    return [
+        p for p in ROOT.rglob("*")
+        if p.is_file() and not (set(p.relative_to(ROOT).parts) & skip)
+        and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+        and (p.suffix in suffixes or p.name in ("Dockerfile", "Makefile"))
+    ]
+
+
+def test_no_file_names_a_job_file_that_does_not_exist():
+    named = {}
+    for path in _repo_text_files():
+        for m in re.finditer(r"\bjobs/([a-z0-9_]+\.ya?ml)\b", path.read_text(errors="replace")):
+            named.setdefault(m.group(1), set()).add(str(path.relative_to(ROOT)))
+    assert "llama3_2_3b_imprag.yaml" in named  # the scan does see the files
+    missing = {name: sorted(where) for name, where in named.items() if not (ROOT / "jobs" / name).is_file()}
+    assert not missing, f"files name job files that do not exist: {missing}"
+
+
+def test_ray_token_authentication_is_on():
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+    assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"  # the variable Ray 2.60 reads (ray start, clients)
+    for path in KUBERAY:  # KubeRay sets RAY_AUTH_MODE / RAY_AUTH_TOKEN from the Secret everywhere
+        cluster = _kuberay_cluster(yaml.safe_load(path.read_text()))
+        assert cluster.get("authOptions") == {"mode": "token", "secretName": "imprag-ray-auth"}, path.name
+    doc = _aws()
+    assert "--env RAY_AUTH_MODE=token" in doc["docker"]["run_options"]
+    assert doc["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    [head_start] = [c for c in doc["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start  # behind `ray dashboard`'s SSH tunnel
+
+
+def _comment_lines(path: Path) -> list[str]:
+    return [line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line]
+
+
+GIB_FIGURE = re.compile(r"\d+(\.\d+)?\s*(GiB|GB)\b")
+
+
+@pytest.mark.parametrize(
+    "path", [*sorted((ROOT / "jobs").glob("*.yaml")), *CLUSTER_FILES, ROOT / "clusters/Dockerfile"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_gpu_memory_figures_are_estimates_not_unmeasured_measurements(path):
+    lines = _comment_lines(path)
+    claims = [line for line in lines if GIB_FIGURE.search(line) and "measured" in line.lower()
+              and "not measured" not in line.lower()]
+    assert not claims, f"{path.name}: a GiB figure stated as measured (no GPU run exists): {claims}"
+    if path.name in PAPER_JOBS:
+        text = "\n".join(lines)
+        assert "ESTIMATE" in text and "not measured" in text and GIB_FIGURE.search(text)

@@ -154,3 +154,131 @@ def test_bad_prediction_line(tmp_path, files):
     preds = _jsonl(tmp_path / "p.jsonl", [{"id": "q1", "prediction": 3}])
     with pytest.raises(DataError, match=r"p\.jsonl:1: field 'prediction'"):
         evaluate(preds, [(files["qa"], "qa")])
+
+
+# ---- provenance through page titles (real KILT over Atlas passages) ----------------------
+# KILT page ids collide with passage ids of OTHER pages: page "Ilsa Dren" has wikipedia_id 7,
+# but corpus passage "7" belongs to page "Velmora"; page "Zorbin Kalt" has wikipedia_id 101,
+# which is a passage of "Ilsa Dren".
+COLLIDING_CORPUS = [
+    {"id": "101", "title": "Ilsa Dren", "section": "", "text": "Ilsa Dren was a weaver."},
+    {"id": "102", "title": "Ilsa Dren", "section": "Early life", "text": "Ilsa Dren was born in Velmora."},
+    {"id": "7", "title": "Velmora", "section": "", "text": "Velmora is a city on the Eske."},
+    {"id": "55", "title": "Zorbin Kalt", "text": "Zorbin Kalt was a baker."},
+]
+
+
+def _prov(wid, title):
+    return {"wikipedia_id": wid, "title": title, "start_paragraph_id": 1, "end_paragraph_id": 1}
+
+
+@pytest.fixture
+def colliding(tmp_path):
+    corpus = _jsonl(tmp_path / "passages.jsonl", COLLIDING_CORPUS)
+    qa = _jsonl(
+        tmp_path / "nq-dev-kilt.jsonl",
+        [
+            {"id": "q1", "input": "where was ilsa dren born", "meta": {},
+             "output": [{"answer": "Velmora", "provenance": [_prov("7", "Ilsa Dren")]}, {"answer": "Velmora"}]},
+            {"id": "q2", "input": "what was zorbin kalt", "meta": {},
+             "output": [{"answer": "baker", "provenance": [_prov("101", "Zorbin_Kalt")]}]},  # KILT spelling
+            {"id": "q3", "input": "who is nobody", "meta": {},
+             "output": [{"answer": "x", "provenance": [_prov("55", "A Page Not In The Corpus")]}]},
+        ],
+    )
+    preds = _jsonl(
+        tmp_path / "preds.jsonl",
+        [
+            {"id": "q1", "prediction": "Velmora", "retrieved": ["7", "55", "102"]},
+            {"id": "q2", "prediction": "baker", "retrieved": ["101", "55"]},
+            {"id": "q3", "prediction": "y", "retrieved": ["55", "7"]},
+        ],
+    )
+    return {"corpus": corpus, "qa": qa, "preds": preds}
+
+
+def _title_recall_by_hand(corpus_rows, tasks_path, preds_path, k):
+    """recall@k computed here, from the files: a hit = a retrieved passage whose page title is a
+    provenance title (underscores as spaces)."""
+    title_of = {str(r["id"]): r["title"] for r in corpus_rows}
+    preds = {r["id"]: r["retrieved"] for r in map(json.loads, Path(preds_path).read_text().splitlines())}
+    hits = n = 0
+    for row in map(json.loads, Path(tasks_path).read_text().splitlines()):
+        titles = {p["title"].replace("_", " ") for o in row["output"] for p in o.get("provenance", [])}
+        hits += any(title_of.get(pid) in titles for pid in preds[row["id"]][:k])
+        n += 1
+    return hits / n
+
+
+def test_page_ids_colliding_with_passage_ids_are_no_hits_through_titles(colliding):
+    specs = [(colliding["qa"], "qa")]
+    old = evaluate(colliding["preds"], specs, corpus_path=colliding["corpus"], ks=(1, 2, 3))["nq-dev-kilt"]
+    # the old comparison (wikipedia_id == passage id) finds a "hit" at rank 1 for every example
+    assert old["recall@1"] == 1.0
+    new = evaluate(colliding["preds"], specs, corpus_path=colliding["corpus"], ks=(1, 2, 3),
+                   provenance="page_title")["nq-dev-kilt"]
+    # by hand: q1's page passages 101/102 first at rank 3; q2's page (Zorbin Kalt = 55) at rank 2;
+    # q3's page is not in the corpus
+    assert (new["recall@1"], new["recall@2"], new["recall@3"]) == (0.0, 1 / 3, 2 / 3)
+    for k in (1, 2, 3):
+        assert new[f"recall@{k}"] == _title_recall_by_hand(COLLIDING_CORPUS, colliding["qa"], colliding["preds"], k)
+    assert new["provenance_unmatched"] == 1 and new["recall_source"] == "provenance" and new["em"] == 2 / 3
+
+
+def test_page_title_without_a_title_is_refused_naming_field_and_fix(tmp_path, colliding):
+    bad = _jsonl(tmp_path / "bad.jsonl", [_kilt("q1", "q", "Velmora", ["7"])])  # wikipedia_id only
+    with pytest.raises(DataError) as err:
+        evaluate(colliding["preds"], [(bad, "qa")], corpus_path=colliding["corpus"], provenance="page_title")
+    msg = str(err.value)
+    assert "bad.jsonl:1: field 'output[0].provenance[0].title' missing" in msg
+    assert "data.provenance: passage_id" in msg and '"title"' in msg
+    # the same file is fine where provenance holds passage ids
+    assert evaluate(colliding["preds"], [(bad, "qa")])["bad"]["recall@1"] == 1.0
+
+
+def test_page_title_needs_the_corpus(colliding):
+    with pytest.raises(ValueError, match=r"--corpus"):
+        evaluate(colliding["preds"], [(colliding["qa"], "qa")], provenance="page_title")
+
+
+def test_cli_eval_passes_the_provenance_mode(colliding, tmp_path, capsys):
+    from imprag_ray.cli import main
+
+    out = tmp_path / "m.json"
+    argv = ["eval", "--predictions", str(colliding["preds"]), "--tasks", f"{colliding['qa']}:qa",
+            "--corpus", str(colliding["corpus"]), "--ks", "1,3", "--json", str(out)]
+    assert main([*argv, "--provenance", "page_title"]) == 0
+    assert json.loads(out.read_text())["nq-dev-kilt"]["recall@1"] == 0.0
+    assert main(argv) == 0  # default: passage_id
+    assert json.loads(out.read_text())["nq-dev-kilt"]["recall@1"] == 1.0
+    capsys.readouterr()
+    assert main([*argv[:5], "--provenance", "page_title"]) == 2  # no --corpus: one line, exit 2
+    assert "--corpus" in capsys.readouterr().err
+
+
+def test_recall_on_the_micro_kilt_world_equals_title_recall_by_hand(tmp_path):
+    from imprag_ray.data.readers import read_corpus
+    from imprag_ray.retrievers.teachers import BM25Teacher
+    from tests.kilt_micro import write_kilt_world
+
+    world = write_kilt_world(tmp_path / "data")
+    corpus = world["files"]["atlas/enwiki-dec2021/passages.jsonl"]
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    teacher = BM25Teacher(read_corpus(corpus))
+    specs = [(world["files"][f"kilt/{n}-dev-kilt.jsonl"], f) for n, f in
+             [("nq", "qa"), ("hotpotqa", "qa"), ("trex", "slot_filling"), ("aidayago2", "entity_linking")]]
+    preds = []
+    for path, _ in specs:
+        tasks = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        for row, ranked in zip(tasks, teacher.rank([r["input"] for r in tasks], 10), strict=True):
+            preds.append({"id": row["id"], "prediction": "", "retrieved": [pid for pid, _ in ranked]})
+    pred_path = _jsonl(tmp_path / "preds.jsonl", preds)
+    res = evaluate(pred_path, specs, corpus_path=corpus, ks=(1, 5, 10), provenance="page_title")
+    old = evaluate(pred_path, specs, corpus_path=corpus, ks=(1, 5, 10))
+    for (path, _), key in zip(specs, res, strict=True):
+        for k in (1, 5, 10):
+            assert res[key][f"recall@{k}"] == pytest.approx(_title_recall_by_hand(rows, path, pred_path, k))
+        assert res[key]["provenance_unmatched"] == 0
+    # BM25 finds the pages by name, while page ids match the passage ids of other pages only by chance
+    assert all(res[key]["recall@10"] >= 0.5 for key in res)
+    assert sum(old[key]["recall@10"] for key in old) < sum(res[key]["recall@10"] for key in res)

@@ -84,3 +84,21 @@ def test_sampling_respects_top_k_and_is_seeded():
     assert set(picks) == {1, 2} and picks == again
     nucleus = {int(select_next(logits, do_sample=True, top_p=0.3, generator=g1)) for _ in range(30)}
     assert nucleus == {1}
+
+
+def test_generation_stops_at_any_of_several_eos_ids(llama):
+    """eos_token_id may be a list (Llama-3 instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>):
+    each row stops at the first of them it emits; other rows go on unchanged."""
+    model = wrap(llama, 2, 4)
+    gen = torch.Generator().manual_seed(11)
+    ids, mask, p_ids, p_mask, *_ = make_batch(gen, llama.config.vocab_size, PROMPT_LENS, PASSAGE_LENS, 3)
+    with torch.no_grad():
+        free = model.generate(ids, mask, p_ids, p_mask, max_new_tokens=6)
+        stops = [int(free[0, 1]), int(free[1, 3])]  # two different ids end two rows
+        out = model.generate(ids, mask, p_ids, p_mask, max_new_tokens=6, eos_token_id=stops, pad_token_id=0)
+    assert stops[0] != stops[1]
+    for i, row in enumerate(free.tolist()):
+        end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        assert out[i, :end].tolist() == row[:end]
+        assert set(out[i, end:].tolist()) <= {0}
+    assert out.shape[1] <= 6

@@ -186,6 +186,38 @@ def test_index_types_and_sharded_index_build_and_search(built, reference, tiny_w
         assert got == [[ids[j] for j in row] for row in exact]
 
 
+@pytest.mark.timeout(900)  # the session's first user builds the micro Llama-3 snapshot
+def test_index_build_of_a_base_llama3_snapshot_takes_b_from_the_job(tiny_world, tmp_path_factory, tmp_path):
+    """A plain HF snapshot (no imprag_config.json): b and l_max come from the job's model:
+    section, the encoder actors load its bottom layers with them; without b the build
+    stops before Ray with an error naming model.retrieval_layer."""
+    from tests.conftest import _connect
+    from tests.engine.llama3_imprag import snapshot
+
+    base = snapshot(tmp_path_factory, tiny_world["world"] / "corpus.jsonl", instruct=False)
+    assert not (base / "imprag_config.json").exists()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join((tiny_world["world"] / "corpus.jsonl").read_text().splitlines(True)[:40]))
+    job = [f"model.path={base}", f"data.corpus={corpus}", f"index.shard_dir={tmp_path / 'emb'}"]
+    with pytest.raises(ConfigError) as err:
+        build_index(_cfg(tiny_world, tmp_path, *job), echo=lambda _: None)
+    assert err.value.key == "model.retrieval_layer" and "imprag_config.json" in str(err.value)
+
+    _connect("local", num_cpus=2, include_dashboard=False, address="local")
+    cfg = _cfg(tiny_world, tmp_path, *job, "model.retrieval_layer=7", "model.max_passage_tokens=32")
+    report = build_index(cfg, echo=lambda _: None)
+    assert (report["retrieval_layer"], report["max_passage_tokens"], report["count"]) == (7, 32, 40)
+    index = load_index(report["out_dir"], checkpoint_hash=checkpoint_hash(base), retrieval_layer=7)
+    assert index.manifest.nprobe == cfg.index.nprobe  # search settings recorded at build time
+    full = ImpRAGModel.from_pretrained(base, retrieval_layer=7, reader_last_layer=19, max_passage_tokens=32)
+    store = PassageStore(read_corpus(corpus), load_tokenizer(base), 32)
+    ids, mask = store.tensor(store.order)  # [40, 32]
+    with torch.no_grad():
+        want = full.embed_passages(ids, mask).numpy()  # [40, h_kv * d_h]
+    assert index.ids == list(store.order)
+    np.testing.assert_allclose(index.index.reconstruct_n(0, 40), want, atol=1e-4)
+
+
 def test_bad_index_config_names_the_key(tiny_world, tmp_path):
     for override, key in [
         ("index.num_shards=0", "index.num_shards"),

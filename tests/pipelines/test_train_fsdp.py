@@ -9,6 +9,7 @@ FSDP continues exactly like the run that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from imprag_ray.config.loader import ConfigError, load_config
+from imprag_ray.config.loader import load_config
 from imprag_ray.config.schema import TrainJobConfig
 from tests.world import job_dict
 
@@ -163,16 +164,56 @@ def test_fsdp_checkpoint_loads_and_resumes(fsdp_run):
     assert r0["dev"]["qa"]["format"] == "qa" and r0["dev"]["qa"]
 
 
-def test_fsdp_bf16_needs_gpu(tiny_world, tmp_path):
-    from imprag_ray.pipelines.train import check_ray_config
+def _fsdp_bf16_rank_main(rank: int, init_file: str, out_dir: str, job: str) -> None:
+    """A model.dtype: bfloat16 job under FSDP on 2 gloo ranks: one warmup and one
+    distillation step, then a checkpoint."""
+    import torch.distributed as dist
+
+    from imprag_ray.pipelines.train_collectives import all_gather_rows
+    from imprag_ray.pipelines.train_worker import DistributedRecipe
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = load_config(TrainJobConfig, job, ["train.batch_size=4", "model.dtype=bfloat16", f"output_dir={out_dir}/run"])
+    group = dist.new_group()
+    recipe = DistributedRecipe(cfg, rank=rank, world_size=2, gather=lambda x: all_gather_rows(x, group), group=group)
+    recipe.setup()
+    recipe.shard()
+    recipe.example_source = _order(recipe, rank)
+    out: dict = {"param_dtypes": sorted({str(p.dtype) for p in recipe.model.parameters()})}
+    ids = torch.tensor([[1, 5, 7, 9]])  # the same module calls on both ranks
+    with torch.no_grad():
+        out["logits_dtype"] = str(recipe.model(ids, torch.ones_like(ids)).logits.dtype)
+    batch = next(iter(recipe.epoch_batches(0)))
+    out["autocast_is_noop"] = isinstance(recipe.autocast(), contextlib.nullcontext)
+    out["metrics"] = [recipe.train_step(batch), recipe.train_step(next(iter(recipe.epoch_batches(1))))]
+    out["grad_dtypes"] = sorted({str(p.grad.dtype) for p in recipe.model.parameters() if p.grad is not None})
+    out["saved"] = str(recipe.save_checkpoint(Path(out_dir) / "ckpt"))
+    dist.barrier()
+    torch.save(out, Path(out_dir) / f"bf16-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_bf16_job_computes_in_bf16_with_fp32_masters(tiny_world, tmp_path):
+    """model.dtype: bfloat16 is the one switch (on CPU/gloo too): FSDP2 all-gathers the
+    fp32 master shards as bf16 for compute (MixedPrecisionPolicy), reduces fp32 gradients,
+    and rank 0 writes a bf16 checkpoint."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
 
     d = job_dict(tmp_path, tiny_world["world"], tiny_world["ckpt"])
-    d["ray"] = {"strategy": "fsdp", "num_workers": 2, "fsdp_bf16": True}
+    for spec in d["data"]["train"]:
+        spec["limit"] = 40
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(d))
-    cfg = load_config(TrainJobConfig, tmp_path / "job.yaml")
-    with pytest.raises(ConfigError, match=r"ray\.fsdp_bf16"):
-        check_ray_config(cfg)
-    check_ray_config(load_config(TrainJobConfig, tmp_path / "job.yaml", ["ray.fsdp_bf16=false"]))
+    args = (str(tmp_path / "init"), str(tmp_path), str(tmp_path / "job.yaml"))
+    mp.start_processes(_fsdp_bf16_rank_main, args=args, nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"bf16-{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["param_dtypes"] == ["torch.float32"] and r["grad_dtypes"] == ["torch.float32"]
+        assert r["logits_dtype"] == "torch.bfloat16" and r["autocast_is_noop"]
+        assert all(m["loss"] == m["loss"] and abs(m["loss"]) < 1e4 for m in r["metrics"])
+    assert r1["saved"] == "None"
+    weights = load_file(Path(r0["saved"]) / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
 
 
 def test_ray_train_run_with_fsdp(ray_local, tiny_world, tmp_path):

@@ -219,10 +219,11 @@ def test_cross_section_checks(tiny_world):
         check_ray_config(cfg)
     assert err.value.key == "train.batch_size" and "multiple of 3" in str(err.value)
     check_ray_config(load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp"]))  # accepted
-    cfg = load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp", "ray.fsdp_bf16=true"])
+    # bf16 is model.dtype's job on every strategy and device; ray.fsdp_bf16 is gone
+    check_ray_config(load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp", "model.dtype=bfloat16"]))
     with pytest.raises(ConfigError) as err:
-        check_ray_config(cfg)  # bf16 FSDP needs GPUs
-    assert err.value.key == "ray.fsdp_bf16" and "use_gpu" in str(err.value)
+        load_config(TrainJobConfig, tiny_world["job"], ["ray.fsdp_bf16=true"])
+    assert err.value.key == "ray.fsdp_bf16"
 
 
 # ------------------------------------------------------------ helpers (Ray)

@@ -70,7 +70,7 @@ def test_llama3_2_3b_job_matches_the_paper_split_and_uses_gpus_and_vllm():
         cfg.engine.options["max_model_len"] >= region + cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
     )
     for key in ("checkpoint", "index", "corpus"):
-        assert getattr(cfg, key).startswith("/mnt/imprag/"), key
+        assert getattr(cfg, key).startswith("/mnt/data/"), key  # the shared volume (PVC imprag-data)
 
 
 def _rayservice(path: Path) -> tuple[dict, dict]:

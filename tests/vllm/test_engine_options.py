@@ -31,3 +31,41 @@ def test_non_llama_checkpoint_is_refused(tiny_world, tmp_path):
     (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     with pytest.raises(EngineError, match="model_type"):
         VLLMEngine(str(ckpt))
+
+
+def test_max_model_len_comes_from_the_request_budget_not_the_model():
+    from imprag_ray.vllm_plugin.engine import derive_max_model_len
+
+    hf = {"max_position_embeddings": 131072}
+    assert derive_max_model_len(hf, region=2560, max_prompt_tokens=512, max_new_tokens=64) == 3136
+    assert derive_max_model_len({"max_position_embeddings": 1024}, 960, 512, 64) == 1024  # capped
+    assert derive_max_model_len(hf, 32, None, None) == 32 + 512 + 256  # the default budget
+
+
+def test_batched_tokens_follow_vllm_rule():
+    from imprag_ray.vllm_plugin.engine import derive_batched_tokens
+
+    assert derive_batched_tokens(None, 3136, 32) == 3136  # a whole request per step
+    assert derive_batched_tokens(None, 131072, 32) == 8192
+    assert derive_batched_tokens(None, 20, 32) == 32  # vLLM: >= max_num_seqs
+    assert derive_batched_tokens(64, 512, 8) == 64  # chunked prefill allows < max_model_len
+    with pytest.raises(EngineError, match=r"max_num_batched_tokens=16 < max_num_seqs=32"):
+        derive_batched_tokens(16, 512, 32)
+
+
+def test_auto_cpu_kv_cache_fits_one_sequence_or_names_the_fix():
+    from imprag_ray.vllm_plugin.engine import GiB, auto_cpu_kv_cache_bytes, kv_bytes_per_token
+
+    llama3_2_3b = {
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_size": 3072,
+    }
+    per_token = kv_bytes_per_token(llama3_2_3b, "bfloat16")
+    assert per_token == 28 * 2 * 8 * 128 * 2
+    kv = auto_cpu_kv_cache_bytes(per_token, 3136, 32, available=64 * GiB)
+    assert 3136 * per_token <= kv <= 16 * GiB  # >= one full sequence, <= a quarter of memory
+    with pytest.raises(EngineError, match=r"max_model_len=131072 needs 14\.0. GiB.*kv_cache_gib"):
+        auto_cpu_kv_cache_bytes(per_token, 131072, 32, available=16 * GiB)
