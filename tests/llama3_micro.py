@@ -15,7 +15,7 @@ must handle, and nothing of ours in it.
   (``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``) and has Llama-3's chat template.
 
 Random weights would almost never emit ``<|eot_id|>``, so the instruct snapshot is trained
-for a few steps (fp32, before it is saved in bf16) to reply to a prompt with three tokens
+for a few steps (fp32, before it is saved in bf16) to reply to a prompt with one word
 and ``<|eot_id|>``: greedy decoding then stops at ``<|eot_id|>`` after a few tokens, as an
 instruct model's does.
 """
@@ -139,15 +139,19 @@ def _build(out: Path, texts: list[str], instruct: bool, seed: int, vocab_size: i
     return out
 
 
-def _teach_to_stop(lm, tokenizer, texts: list[str], eot: int, steps: int = 30) -> None:
-    """A few fp32 AdamW steps on prompts (chat turns and plain ``Q: ... A:`` prompts) whose reply
-    is three tokens and ``<|eot_id|>``, so greedy decoding answers briefly and stops at ``<|eot_id|>``, as an
-    instruct model does (a random model repeats one token and never emits it)."""
+def _teach_to_stop(lm, tokenizer, texts: list[str], eot: int, max_steps: int = 400) -> None:
+    """fp32 AdamW steps (until the loss stays below 0.01) on prompts (chat turns and plain ``Q: ... A:`` prompts) whose reply
+    is one token and ``<|eot_id|>``, so greedy decoding answers briefly and stops at
+    ``<|eot_id|>``, as an instruct model does (a random model repeats one token and never emits
+    it). Half of the rows read two passages through ImpRAG's reader layers (b=7, t=19, as an
+    ImpRAG job of this snapshot will), so the stop holds with retrieved passages too."""
     import torch
 
-    # One reply for every prompt (the first three tokens of the first text): a varied reply
-    # teaches "<|eot_id|>" as the likeliest single token, and the model then stops at once.
-    reply = [*tokenizer(" " + texts[0], add_special_tokens=False)["input_ids"][:3], eot]
+    from imprag_ray.model.imprag import ImpRAGConfig, ImpRAGModel
+
+    # One reply for every prompt, a word then <|eot_id|>: with varied or longer replies this
+    # small model learnt "<|eot_id|>" as the likeliest first token, or never to emit it.
+    reply = [tokenizer(" " + texts[0], add_special_tokens=False)["input_ids"][0], eot]
     rows = []
     for i, text in enumerate(texts[:64]):
         if i % 2:  # a chat turn, or the plain prompt a base-style template gives (bos + text)
@@ -157,10 +161,14 @@ def _teach_to_stop(lm, tokenizer, texts: list[str], eot: int, steps: int = 30) -
         else:
             prompt = tokenizer(f"Q: {text[:80]} A:")["input_ids"]
         rows.append((prompt, reply))
+    l_max, k = 32, 2
+    passages = [tokenizer(t, add_special_tokens=False)["input_ids"][:l_max] for t in texts]
+    model = ImpRAGModel(lm, ImpRAGConfig(B, T, l_max, k))
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    lm.train()
+    model.train()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    recent: list[float] = []
+    for step in range(max_steps):
         batch = [rows[int(i)] for i in torch.randint(len(rows), (8,), generator=gen)]
         width = max(len(p) + len(r) for p, r in batch)
         ids = torch.full((len(batch), width), eot)
@@ -170,11 +178,22 @@ def _teach_to_stop(lm, tokenizer, texts: list[str], eot: int, steps: int = 30) -
             ids[i, : len(p) + len(r)] = torch.tensor(p + r)
             labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
             mask[i, : len(p) + len(r)] = 1
-        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        p_ids = p_mask = None
+        if step % 2:  # [8, k, l_max] random passages
+            p_ids = torch.zeros(len(batch), k, l_max, dtype=torch.long)
+            p_mask = torch.zeros_like(p_ids)
+            for i in range(len(batch)):
+                for j in range(k):
+                    tok = passages[int(torch.randint(len(passages), (1,), generator=gen))]
+                    p_ids[i, j, : len(tok)], p_mask[i, j, : len(tok)] = torch.tensor(tok), 1
+        loss = model(ids, mask, p_ids, p_mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    lm.eval()
+        recent = [*recent[-9:], loss.item()]
+        if len(recent) == 10 and max(recent) < 0.01:  # both tokens of the reply are near-certain
+            break
+    model.eval()
 
 
 def read_generation_eos(path: str | Path) -> list[int]:

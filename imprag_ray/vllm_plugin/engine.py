@@ -217,6 +217,9 @@ class VLLMEngine(GenerationEngine):
         self._eos = self._stops[0] if self._stops else None
         self._hash = checkpoint_hash(path)
         _ensure_plugin_visible()
+        # The plugin is written against vLLM's V1 model runner; 0.32 picks V2 on CUDA unless told
+        # (VLLM_USE_V2_MODEL_RUNNER, read in vllm/config/vllm.py). Spawned workers inherit it.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         register()  # this process too (the entry point covers vLLM's own processes)
 
         from vllm import AsyncEngineArgs

@@ -69,3 +69,17 @@ def test_auto_cpu_kv_cache_fits_one_sequence_or_names_the_fix():
     assert 3136 * per_token <= kv <= 16 * GiB  # >= one full sequence, <= a quarter of memory
     with pytest.raises(EngineError, match=r"max_model_len=131072 needs 14\.0. GiB.*kv_cache_gib"):
         auto_cpu_kv_cache_bytes(per_token, 131072, 32, available=16 * GiB)
+
+
+def test_engine_pins_vllm_v1_model_runner_unless_told(tiny_world, monkeypatch):
+    """vLLM 0.32 picks its V2 model runner on CUDA by default; the plugin runs on V1."""
+    import os
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    with pytest.raises(EngineError, match="max_num_batched_tokens"):  # fails before any engine starts
+        VLLMEngine(str(tiny_world["ckpt"]), max_num_batched_tokens=1, max_num_seqs=8)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(EngineError):
+        VLLMEngine(str(tiny_world["ckpt"]), max_num_batched_tokens=1, max_num_seqs=8)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"  # a user's explicit choice stands
