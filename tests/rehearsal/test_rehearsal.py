@@ -132,26 +132,41 @@ def rehearsal(tmp_path_factory) -> dict:
     build_snapshot(work / "data/models/Llama-3.2-3B", world["texts"])
     (work / "runs").mkdir()
     seconds: dict[str, float] = {"data": time.time() - start}
-    with local_cluster((2, 2), object_store_mb=300) as cluster:
-        env, address = _env(cluster), cluster.address
+    # The serve job names its API key by environment variable (auth.api_key_env), which a cluster
+    # gives every node (KubeRay: from a Secret); here the raylets inherit it from this process.
+    saved_key = os.environ.get("IMPRAG_API_KEY")
+    os.environ["IMPRAG_API_KEY"] = API_KEY
+    try:
+        with local_cluster((2, 2), object_store_mb=300) as cluster:
+            return _run_stages(work, world, cluster, seconds, start)
+    finally:
+        if saved_key is None:
+            os.environ.pop("IMPRAG_API_KEY", None)
+        else:
+            os.environ["IMPRAG_API_KEY"] = saved_key
 
-        def stage(name, fn, *args):
-            t = time.time()
-            out = fn(*args)
-            seconds[name] = round(time.time() - t, 1)
-            return out
 
-        stage("index_base", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
-              "--json", "runs/index-base.json")
-        killed = stage("train", _train_with_a_kill, work, env, address)
-        stage("index_trained", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
-              f"index.checkpoint={TRAINED}", "index.out_dir=runs/indexes/trained",
-              "index.shard_dir=runs/indexes/trained-embeddings", "--json", "runs/index-trained.json")
-        stage("batch", _imprag, work, env, "batch", "--config", str(JOB), "--address", address,
-              f"batch.checkpoint={TRAINED}", "batch.index_dir=runs/indexes/trained",
-              "batch.output=runs/batch/predictions.jsonl", "--json", "runs/batch-metrics.json")
-        questions = [ex["input"] for ex in _rows(work / "data/kilt/nq-dev-kilt.jsonl")[:3]]
-        answers = stage("serve", _serve_and_ask, work, env, address, questions)
+def _run_stages(work: Path, world: dict, cluster, seconds: dict, start: float) -> dict:
+    """Every stage of the rehearsal on ``cluster``, through the ``imprag`` CLI in ``work``."""
+    env, address = _env(cluster), cluster.address
+
+    def stage(name, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        seconds[name] = round(time.time() - t, 1)
+        return out
+
+    stage("index_base", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
+          "--json", "runs/index-base.json")
+    killed = stage("train", _train_with_a_kill, work, env, address)
+    stage("index_trained", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
+          f"index.checkpoint={TRAINED}", "index.out_dir=runs/indexes/trained",
+          "index.shard_dir=runs/indexes/trained-embeddings", "--json", "runs/index-trained.json")
+    stage("batch", _imprag, work, env, "batch", "--config", str(JOB), "--address", address,
+          f"batch.checkpoint={TRAINED}", "batch.index_dir=runs/indexes/trained",
+          "batch.output=runs/batch/predictions.jsonl", "--json", "runs/batch-metrics.json")
+    questions = [ex["input"] for ex in _rows(work / "data/kilt/nq-dev-kilt.jsonl")[:3]]
+    answers = stage("serve", _serve_and_ask, work, env, address, questions)
     seconds["total"] = round(time.time() - start, 1)
     print(f"\nrehearsal seconds: {json.dumps(seconds)}")
     return {"work": work, "world": world, "killed": killed, "answers": answers, "seconds": seconds}
