@@ -72,28 +72,35 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(SPECIALS)  # ids vocab_size .. vocab_size + 255, as 128000.. in Llama-3
     bos = SPECIALS[0]
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        ),
-    ])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=SPECIALS[1],
-                                   model_max_length=131072)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=SPECIALS[1], model_max_length=131072
+    )
 
 
-def build_snapshot(out_dir: str | Path, texts: Iterable[str], *, instruct: bool = True, seed: int = 0,
-                   vocab_size: int = 1024) -> Path:
+def build_snapshot(
+    out_dir: str | Path, texts: Iterable[str], *, instruct: bool = True, seed: int = 0, vocab_size: int = 1024
+) -> Path:
     """Write a micro Llama-3.2-style snapshot (instruct: chat template, eos ``<|eot_id|>`` and
     three eos ids in generation_config.json) to ``out_dir``; returns it."""
     import torch
@@ -101,7 +108,9 @@ def build_snapshot(out_dir: str | Path, texts: Iterable[str], *, instruct: bool 
     out = Path(out_dir)
     texts = list(texts)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only contend (measured 33 s vs 307 s on a loaded box)
+    torch.set_num_threads(
+        1
+    )  # a 64-wide model: more threads only contend (measured 33 s vs 307 s on a loaded box)
     try:
         return _build(out, texts, instruct, seed, vocab_size)
     finally:
@@ -119,11 +128,22 @@ def _build(out: Path, texts: list[str], instruct: bool, seed: int, vocab_size: i
         tokenizer.eos_token = "<|eot_id|>"
         tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM, max_position_embeddings=131072, rope_parameters=dict(ROPE),
-        tie_word_embeddings=True, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
-        hidden_act="silu", initializer_range=0.02, bos_token_id=ids["<|begin_of_text|>"],
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=131072,
+        rope_parameters=dict(ROPE),
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        initializer_range=0.02,
+        bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=eos_ids if instruct else ids["<|end_of_text|>"],
     )
     torch.manual_seed(seed)
@@ -131,8 +151,11 @@ def _build(out: Path, texts: list[str], instruct: bool, seed: int, vocab_size: i
     if instruct:
         _teach_to_stop(lm, tokenizer, texts, ids["<|eot_id|>"])
     lm.generation_config = GenerationConfig(
-        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos_ids if instruct else ids["<|end_of_text|>"],
-        do_sample=True, temperature=0.6, top_p=0.9,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=eos_ids if instruct else ids["<|end_of_text|>"],
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
     )
     lm.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -155,9 +178,12 @@ def _teach_to_stop(lm, tokenizer, texts: list[str], eot: int, max_steps: int = 4
     rows = []
     for i, text in enumerate(texts[:64]):
         if i % 2:  # a chat turn, or the plain prompt a base-style template gives (bos + text)
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text[:80]}],
-                                                   add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text[:80]}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
         else:
             prompt = tokenizer(f"Q: {text[:80]} A:")["input_ids"]
         rows.append((prompt, reply))

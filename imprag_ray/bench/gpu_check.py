@@ -74,10 +74,22 @@ def preset_of(shape: str):
 
     if shape == "full":
         return llama3_2_3b()
-    return llama_like(name="micro", hidden_size=64, intermediate_size=128, num_layers=28, num_heads=4,
-                      num_kv_heads=2, head_dim=32, vocab_size=0, retrieval_layer=7, reader_last_layer=19,
-                      max_passage_tokens=32, num_passages=3, max_position_embeddings=4096,
-                      tie_word_embeddings=True)
+    return llama_like(
+        name="micro",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=28,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        vocab_size=0,
+        retrieval_layer=7,
+        reader_last_layer=19,
+        max_passage_tokens=32,
+        num_passages=3,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
 
 
 # ------------------------------------------------------------------ inputs
@@ -92,8 +104,10 @@ def write_world(root: Path, n_passages: int, seed: int = 1) -> Path:
     synthesize(world, seed=seed, n_passages=n_passages)
     passages = read_corpus(world / "corpus.jsonl")
     texts = [p.text for p in passages]
-    rows = [{"id": p.id, "title": p.title, "text": " ".join([p.text, *texts[i + 1 : i + 9]])}
-            for i, p in enumerate(passages)]
+    rows = [
+        {"id": p.id, "title": p.title, "text": " ".join([p.text, *texts[i + 1 : i + 9]])}
+        for i, p in enumerate(passages)
+    ]
     write_jsonl_atomic(world / "corpus.jsonl", rows)
     return world
 
@@ -127,13 +141,21 @@ def write_checkpoint(preset, world: Path, out: Path, device: torch.device) -> Pa
 
     tokenizer = train_tokenizer((format_passage(p) for p in iter_corpus(world / "corpus.jsonl")), 2000)
     vocab = max(preset.vocab_size, len(tokenizer))  # full: Llama-3's 128256 rows (most unused)
-    config = preset.hf_config(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = preset.hf_config(
+        vocab_size=vocab,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model = ImpRAGModel(lm, ImpRAGConfig(preset.retrieval_layer, preset.reader_last_layer,
-                                         preset.max_passage_tokens, preset.num_passages))
+    model = ImpRAGModel(
+        lm,
+        ImpRAGConfig(
+            preset.retrieval_layer, preset.reader_last_layer, preset.max_passage_tokens, preset.num_passages
+        ),
+    )
     out.mkdir(parents=True)
     model.write_files(out)
     tokenizer.save_pretrained(out)
@@ -146,24 +168,39 @@ def job_config(root: Path, world: Path, ckpt: Path, labels: Path, args) -> Any:
     from imprag_ray.config.loader import from_dict
     from imprag_ray.config.schema import TrainJobConfig
 
-    return from_dict(TrainJobConfig, {
-        "name": "gpu-check",
-        "output_dir": str(root / "run"),
-        "threads": 1 if args.device == "cpu" else None,  # 2-core CI boxes: no thread contention
-        "model": {"path": str(ckpt), "dtype": "bfloat16"},
-        "data": {
-            "corpus": str(world / "corpus.jsonl"),
-            "train": [{"path": str(world / "train" / "qa.jsonl"), "format": "qa", "limit": 64}],
-            "dev": [{"path": str(world / "dev" / "qa.jsonl"), "format": "qa"}],
-            "max_prompt_tokens": 128,
-            "max_target_tokens": 48,
+    return from_dict(
+        TrainJobConfig,
+        {
+            "name": "gpu-check",
+            "output_dir": str(root / "run"),
+            "threads": 1 if args.device == "cpu" else None,  # 2-core CI boxes: no thread contention
+            "model": {"path": str(ckpt), "dtype": "bfloat16"},
+            "data": {
+                "corpus": str(world / "corpus.jsonl"),
+                "train": [{"path": str(world / "train" / "qa.jsonl"), "format": "qa", "limit": 64}],
+                "dev": [{"path": str(world / "dev" / "qa.jsonl"), "format": "qa"}],
+                "max_prompt_tokens": 128,
+                "max_target_tokens": 48,
+            },
+            "teacher": {"kind": "labels", "path": str(labels)},
+            "train": {
+                "epochs": 3,
+                "warmup_epochs": 1,
+                "steps_per_epoch": args.steps,
+                "batch_size": args.batch_size,
+                "lr": 2e-5,
+                "warmup_steps": 1,
+                "log_every": 1000,
+            },
+            "eval": {
+                "recall_ks": [1, 5, 10],
+                "max_new_tokens": 8,
+                "batch_size": 4,
+                "limit": args.eval_examples,
+                "corpus_sample": args.corpus_sample,
+            },
         },
-        "teacher": {"kind": "labels", "path": str(labels)},
-        "train": {"epochs": 3, "warmup_epochs": 1, "steps_per_epoch": args.steps, "batch_size": args.batch_size,
-                  "lr": 2e-5, "warmup_steps": 1, "log_every": 1000},
-        "eval": {"recall_ks": [1, 5, 10], "max_new_tokens": 8, "batch_size": 4, "limit": args.eval_examples,
-                 "corpus_sample": args.corpus_sample},
-    })
+    )
 
 
 # ------------------------------------------------------------- measurement
@@ -196,8 +233,11 @@ class Probe:
             self.findings.append(f"{name}: out of memory ({record['error']})")
             self.failed = True
         except Exception as err:  # reported in the JSON, not hidden: the check goes on to print
-            record.update(status="error", error=f"{type(err).__name__}: {err}"[:400],
-                          traceback=traceback.format_exc(limit=6)[-2000:])
+            record.update(
+                status="error",
+                error=f"{type(err).__name__}: {err}"[:400],
+                traceback=traceback.format_exc(limit=6)[-2000:],
+            )
             self.findings.append(f"{name}: {record['error']}")
             self.failed = True
         if cuda:
@@ -280,8 +320,9 @@ class Phases:
     def setup(self, record: dict[str, Any]) -> None:
         self.recipe.setup()
         params = list(self.recipe.model.parameters())
-        record.update(params_billion=round(sum(p.numel() for p in params) / 1e9, 3),
-                      param_dtype=str(params[0].dtype))
+        record.update(
+            params_billion=round(sum(p.numel() for p in params) / 1e9, 3), param_dtype=str(params[0].dtype)
+        )
 
     def train(self, record: dict[str, Any]) -> None:
         """One epoch (warmup or distill by the recipe's epoch): every step timed, the first
@@ -292,7 +333,9 @@ class Phases:
         for i, batch in enumerate(recipe.epoch_batches(recipe.epoch)):
             step = functools.partial(recipe.train_step, batch)
             if i == 0:
-                (metrics, record["attention"]), seconds = self.probe.timed(functools.partial(sdpa_kernels, step))
+                (metrics, record["attention"]), seconds = self.probe.timed(
+                    functools.partial(sdpa_kernels, step)
+                )
             else:
                 metrics, seconds = self.probe.timed(step)
             steps.append(round(seconds, 3))
@@ -305,8 +348,14 @@ class Phases:
     def evaluate(self, record: dict[str, Any]) -> None:
         results, kernels = sdpa_kernels(lambda: self.recipe.evaluate("dev", write=False))
         qa = results["qa"]
-        record.update(attention=kernels, examples=qa["n"], corpus_size=qa.get("corpus_size"),
-                      sub_corpus=qa.get("sub_corpus"), em=qa["em"], recall_at_10=qa.get("recall@10"))
+        record.update(
+            attention=kernels,
+            examples=qa["n"],
+            corpus_size=qa.get("corpus_size"),
+            sub_corpus=qa.get("sub_corpus"),
+            em=qa["em"],
+            recall_at_10=qa.get("recall@10"),
+        )
 
     def save(self, record: dict[str, Any]) -> None:
         self.saved, self.saved_step = self.recipe.save_checkpoint(self.root / "ckpt"), self.recipe.step
@@ -323,12 +372,18 @@ class Phases:
             torch.cuda.empty_cache()
         recipe = self.recipe = ImpRAGRecipe(self.cfg, device=self.device)
         _, load_seconds = self.probe.timed(lambda: recipe.setup(resume_from=self.saved))
-        self.checks.update(resumed_step=recipe.step, resumed_step_matches=recipe.step == self.saved_step,
-                           optimizer_state_on_param_device=optimizer_state_placed(recipe))
+        self.checks.update(
+            resumed_step=recipe.step,
+            resumed_step_matches=recipe.step == self.saved_step,
+            optimizer_state_on_param_device=optimizer_state_placed(recipe),
+        )
         batch = next(recipe.epoch_batches(recipe.epoch))
         metrics, seconds = self.probe.timed(lambda: recipe.train_step(batch))
-        record.update(load_seconds=round(load_seconds, 2), step_seconds=[round(seconds, 3)],
-                      loss=[round(metrics["loss"], 4)])
+        record.update(
+            load_seconds=round(load_seconds, 2),
+            step_seconds=[round(seconds, 3)],
+            loss=[round(metrics["loss"], 4)],
+        )
 
 
 def check(args) -> dict[str, Any]:
@@ -346,8 +401,14 @@ def check(args) -> dict[str, Any]:
     inputs_seconds = round(time.perf_counter() - started, 2)
     probe = Probe(device)
     phases = Phases(cfg, device, root, probe)
-    for name, body in (("setup", phases.setup), ("warmup", phases.train), ("distill", phases.train),
-                       ("evaluate", phases.evaluate), ("save", phases.save), ("resume", phases.resume)):
+    for name, body in (
+        ("setup", phases.setup),
+        ("warmup", phases.train),
+        ("distill", phases.train),
+        ("evaluate", phases.evaluate),
+        ("save", phases.save),
+        ("resume", phases.resume),
+    ):
         probe.run(name, body)
     return report(args, preset, device, probe, phases.checks, inputs_seconds, time.perf_counter() - started)
 
@@ -368,8 +429,11 @@ def optimizer_state_placed(recipe) -> bool:
     for group in recipe.optimizer.param_groups:
         for p in group["params"]:
             for value in recipe.optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape and (
-                        value.device != p.device or value.dtype != torch.float32):
+                if (
+                    torch.is_tensor(value)
+                    and value.shape == p.shape
+                    and (value.device != p.device or value.dtype != torch.float32)
+                ):
                     return False
     return bool(recipe.optimizer.state)
 
@@ -382,22 +446,34 @@ def report(args, preset, device, probe: Probe, checks: dict, inputs_seconds: flo
     attention = {name: rec["attention"] for name, rec in probe.phases.items() if "attention" in rec}
     for name, kernels in attention.items():
         if device.type == "cuda" and any(k.startswith("math") for k in kernels):
-            findings.append(f"{name}: scaled_dot_product_attention ran the math kernel (O(L^2) memory), "
-                            f"not a fused one: {kernels}")
+            findings.append(
+                f"{name}: scaled_dot_product_attention ran the math kernel (O(L^2) memory), "
+                f"not a fused one: {kernels}"
+            )
     if checks.get("saved_weight_dtype") not in (None, "BF16"):
         findings.append(f"save: checkpoint weights are {checks['saved_weight_dtype']}, expected BF16")
     for key in ("resumed_step_matches", "optimizer_state_on_param_device"):
         if checks.get(key) is False:
             findings.append(f"resume: {key} is false")
     ok = all(rec["status"] == "ok" for rec in probe.phases.values()) and not any(
-        checks.get(k) is False for k in ("resumed_step_matches", "optimizer_state_on_param_device"))
+        checks.get(k) is False for k in ("resumed_step_matches", "optimizer_state_on_param_device")
+    )
     return {
         "check": "imprag_ray.bench.gpu_check",
-        "shape": {"name": args.shape, "layers": preset.num_layers, "hidden": preset.hidden_size,
-                  "heads": preset.num_heads, "kv_heads": preset.num_kv_heads, "head_dim": preset.head_dim,
-                  "intermediate": preset.intermediate_size, "b": preset.retrieval_layer,
-                  "t": preset.reader_last_layer, "k": preset.num_passages, "l_max": preset.max_passage_tokens,
-                  "batch_size": args.batch_size},
+        "shape": {
+            "name": args.shape,
+            "layers": preset.num_layers,
+            "hidden": preset.hidden_size,
+            "heads": preset.num_heads,
+            "kv_heads": preset.num_kv_heads,
+            "head_dim": preset.head_dim,
+            "intermediate": preset.intermediate_size,
+            "b": preset.retrieval_layer,
+            "t": preset.reader_last_layer,
+            "k": preset.num_passages,
+            "l_max": preset.max_passage_tokens,
+            "batch_size": args.batch_size,
+        },
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -415,7 +491,9 @@ def report(args, preset, device, probe: Probe, checks: dict, inputs_seconds: flo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m imprag_ray.bench.gpu_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m imprag_ray.bench.gpu_check", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--shape", choices=("full", "micro"), default="full")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--batch-size", type=int, default=2)
@@ -438,8 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = check(args)
     except Exception as err:  # the inputs could not be built: still one JSON object
-        result = {"check": "imprag_ray.bench.gpu_check", "ok": False, "phases": {}, "findings":
-                  [f"inputs: {type(err).__name__}: {err}"[:400]], "traceback": traceback.format_exc(limit=6)}
+        result = {
+            "check": "imprag_ray.bench.gpu_check",
+            "ok": False,
+            "phases": {},
+            "findings": [f"inputs: {type(err).__name__}: {err}"[:400]],
+            "traceback": traceback.format_exc(limit=6),
+        }
     finally:
         if temp and not args.keep:
             shutil.rmtree(args.out, ignore_errors=True)

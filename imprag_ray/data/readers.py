@@ -23,7 +23,9 @@ from imprag_ray.data.io import iter_rows
 from imprag_ray.data.records import DataError, Passage, TaskExample, check_format
 
 CORPUS_FIX = 'each line must be {"id", "title", "text"} ("section" optional)'
-TASK_FIX = 'each line must be {"id", "input", "output": [{"answer", "provenance": [{"wikipedia_id", "title"}]}]}'
+TASK_FIX = (
+    'each line must be {"id", "input", "output": [{"answer", "provenance": [{"wikipedia_id", "title"}]}]}'
+)
 TITLE_FIX = (
     "data.provenance: page_title finds gold passages through the page title of each provenance "
     'entry: give every entry a "title" (as KILT does), or set data.provenance: passage_id if '
@@ -93,9 +95,7 @@ def _dedup(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _parse_provenance(
-    where: str, value: Any, field: str, provenance: str | None
-) -> list[tuple[str, str]]:
+def _parse_provenance(where: str, value: Any, field: str, provenance: str | None) -> list[tuple[str, str]]:
     """[{"wikipedia_id": ..., "title": ...}, ...] -> [(wikipedia_id, title or "")].
 
     provenance="page_title" requires a non-empty title on every entry (DataError otherwise).
@@ -111,7 +111,9 @@ def _parse_provenance(
         wid = _get_id(where, prov, "wikipedia_id", TASK_FIX, f"{field}[{j}].wikipedia_id")
         title = _optional_str(where, prov, "title", TASK_FIX, f"{field}[{j}].title")
         if provenance == "page_title" and not title.strip():
-            raise DataError(where, f"{field}[{j}].title", "missing (data.provenance is page_title)", TITLE_FIX)
+            raise DataError(
+                where, f"{field}[{j}].title", "missing (data.provenance is page_title)", TITLE_FIX
+            )
         entries.append((wid, title))
     return entries
 

@@ -69,7 +69,7 @@ class TaskExample:
         if self.provenance_titles and len(self.provenance_titles) != len(self.provenance):
             raise ValueError(
                 f"example {self.id!r}: provenance_titles has {len(self.provenance_titles)} entries "
-                f"for {len(self.provenance)} provenance ids; give one title per id (\"\" if unknown)"
+                f'for {len(self.provenance)} provenance ids; give one title per id ("" if unknown)'
             )
         check_format(self.format)
 

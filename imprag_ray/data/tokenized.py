@@ -52,18 +52,23 @@ def encode_prompt_text(tokenizer, text: str, max_tokens: int, *, chat: bool = Fa
 
 def _chat_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.chat_template is true but the checkpoint's tokenizer has no chat "
-                         "template; set data.chat_template: false for a base snapshot")
+        raise ValueError(
+            "data.chat_template is true but the checkpoint's tokenizer has no chat "
+            "template; set data.chat_template: false for a base snapshot"
+        )
     marker = "\x00IMPRAG_USER\x00"
     # Render around a marker so the user text is tokenised on its own and can be truncated.
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
     head, tail = rendered.split(marker)
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     body = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] if text.strip() else []
     keep = max_tokens - len(head_ids) - len(tail_ids)
     if keep <= 0:
-        raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the chat template's "
-                         f"{len(head_ids) + len(tail_ids)} tokens; raise data.max_prompt_tokens")
+        raise ValueError(
+            f"max_prompt_tokens={max_tokens} leaves no room for the chat template's "
+            f"{len(head_ids) + len(tail_ids)} tokens; raise data.max_prompt_tokens"
+        )
     return head_ids + body[-keep:] + tail_ids

@@ -83,8 +83,10 @@ def encode_corpus(
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; load it with "
-                         "imprag_ray.model.checkpoint.load_tokenizer (it adds one)")
+        raise ValueError(
+            "the tokenizer has no pad token; load it with "
+            "imprag_ray.model.checkpoint.load_tokenizer (it adds one)"
+        )
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -99,8 +101,11 @@ def model_stop_ids(model: ImpRAGModel, tokenizer) -> list[int]:
     in Llama-3 instruct snapshots) and the tokenizer's eos, deduplicated."""
     lm = model.lm
     ids: list[int] = []
-    for eos in (getattr(getattr(lm, "generation_config", None), "eos_token_id", None),
-                getattr(lm.config, "eos_token_id", None), tokenizer.eos_token_id):
+    for eos in (
+        getattr(getattr(lm, "generation_config", None), "eos_token_id", None),
+        getattr(lm.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
         if eos is not None:
             ids += [int(i) for i in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
     return list(dict.fromkeys(ids))
@@ -156,8 +161,9 @@ def predict(
     out: list[dict] = []
     for start in range(0, len(examples), batch_size):
         batch = list(examples[start : start + batch_size])
-        prompts = [encode_prompt_text(tokenizer, format_prompt(ex), max_prompt_tokens, chat=chat)
-                   for ex in batch]
+        prompts = [
+            encode_prompt_text(tokenizer, format_prompt(ex), max_prompt_tokens, chat=chat) for ex in batch
+        ]
         ids, mask = (t.to(device) for t in _pad(prompts, tokenizer.pad_token_id))  # [B, L]
         use_passages = (index is not None or rankings is not None) and all(
             ex.format in RETRIEVAL_FORMATS for ex in batch
@@ -174,14 +180,22 @@ def predict(
                 scores = sc.tolist()
             p_ids, p_mask = (t.to(device) for t in _passage_tensors(store, retrieved, top_k))
         new = model.generate(
-            ids, mask, p_ids, p_mask, max_new_tokens=max_new_tokens, prompt_state=state,
-            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+            ids,
+            mask,
+            p_ids,
+            p_mask,
+            max_new_tokens=max_new_tokens,
+            prompt_state=state,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
         )  # [B, T]
         for i, ex in enumerate(batch):
-            out.append({
-                "id": ex.id,
-                "prediction": decode_answer(tokenizer, new[i].tolist(), stops),
-                "retrieved": list(retrieved[i]),
-                "scores": [float(s) for s in scores[i]],
-            })
+            out.append(
+                {
+                    "id": ex.id,
+                    "prediction": decode_answer(tokenizer, new[i].tolist(), stops),
+                    "retrieved": list(retrieved[i]),
+                    "scores": [float(s) for s in scores[i]],
+                }
+            )
     return out

@@ -50,8 +50,9 @@ class DistributedRecipe(ImpRAGRecipe):
     worker joins the in-batch-negative gather whenever any worker's batch has retrieval
     rows (collectives must be entered by all ranks)."""
 
-    def __init__(self, *args, group=None, device: torch.device | None = None, shard_after_setup: bool = False,
-                 **kwargs):
+    def __init__(
+        self, *args, group=None, device: torch.device | None = None, shard_after_setup: bool = False, **kwargs
+    ):
         super().__init__(*args, device=device, **kwargs)
         self.group = group
         # FSDP: setup leaves the full model (and a resumed full optimizer state) on the CPU;
@@ -60,7 +61,9 @@ class DistributedRecipe(ImpRAGRecipe):
         self.shard_after_setup = shard_after_setup
         self.timed_tokens, self.timed_seconds = 0, 0.0  # this epoch's train steps only
         self.fsdp = False  # set by shard()
-        self._sharded: torch.nn.Module | None = None  # the FSDP-sharded model (self.model, except in gathered())
+        self._sharded: torch.nn.Module | None = (
+            None  # the FSDP-sharded model (self.model, except in gathered())
+        )
 
     # ------------------------------------------------------------------ FSDP
     def shard(self) -> None:
@@ -204,8 +207,13 @@ class DistributedRecipe(ImpRAGRecipe):
             dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.group)
             if anyone.item() and not mine:
                 # Contribute zero rows; forward and backward of the gather still run here.
-                nothing = torch.zeros(0, self.model.embedding_dim, device=self.device,
-                                      dtype=self.compute_dtype, requires_grad=True)
+                nothing = torch.zeros(
+                    0,
+                    self.model.embedding_dim,
+                    device=self.device,
+                    dtype=self.compute_dtype,
+                    requires_grad=True,
+                )
                 rows, _ = self.gather(nothing)
                 # Zero gradient for every rank's rows: the gather's backward sums what each
                 # rank puts on them (rows.sum() here used to add 1 to the other ranks' rows).

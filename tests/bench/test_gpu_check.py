@@ -21,11 +21,26 @@ RUN = (
 
 
 def test_gpu_check_runs_every_phase_on_cpu_without_ray_vllm_faiss(tmp_path):
-    args = ["--shape", "micro", "--device", "cpu", "--steps", "2", "--passages", "120",
-            "--corpus-sample", "40", "--eval-examples", "4", "--out", str(tmp_path / "work")]
+    args = [
+        "--shape",
+        "micro",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--passages",
+        "120",
+        "--corpus-sample",
+        "40",
+        "--eval-examples",
+        "4",
+        "--out",
+        str(tmp_path / "work"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", RUN, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=280)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280
+    )
     report = json.loads(proc.stdout)  # stdout is the one JSON object
     assert proc.returncode == 0, (report.get("findings"), proc.stderr[-3000:])
     assert report["ok"] is True and report["findings"] == []
@@ -41,8 +56,12 @@ def test_gpu_check_runs_every_phase_on_cpu_without_ray_vllm_faiss(tmp_path):
         assert report["attention"][name] == ["flash_cpu", "flash_cpu_backward"]
     assert report["attention"]["evaluate"] == ["flash_cpu"]
     assert phases["evaluate"]["sub_corpus"] is True and phases["evaluate"]["corpus_size"] >= 40
-    assert report["checks"] == {"saved_weight_dtype": "BF16", "resumed_step": 4, "resumed_step_matches": True,
-                                "optimizer_state_on_param_device": True}
+    assert report["checks"] == {
+        "saved_weight_dtype": "BF16",
+        "resumed_step": 4,
+        "resumed_step_matches": True,
+        "optimizer_state_on_param_device": True,
+    }
 
 
 def test_a_failed_phase_is_reported_and_later_phases_are_skipped():

@@ -146,9 +146,11 @@ V1_PIN = {"name": "VLLM_USE_V2_MODEL_RUNNER", "value": "0"}
 
 def _kuberay_cluster(doc: dict) -> dict:
     spec = doc["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
-        doc["kind"]
-    ]
+    return {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }[doc["kind"]]
 
 
 def _pod_groups(path: Path) -> list[tuple[str, dict]]:
@@ -178,7 +180,9 @@ def _paper_and_serve_job_paths() -> list[str]:
 
 def test_jobs_read_and_write_only_under_the_shared_volume():
     paths = _paper_and_serve_job_paths()
-    assert paths and all(p.startswith(DATA + "/") for p in paths), [p for p in paths if not p.startswith(DATA)]
+    assert paths and all(p.startswith(DATA + "/") for p in paths), [
+        p for p in paths if not p.startswith(DATA)
+    ]
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
@@ -199,7 +203,9 @@ def test_kuberay_head_and_workers_mount_the_shared_volume_with_s3_credentials(pa
 def test_aws_nodes_mount_efs_at_the_shared_path_and_have_instance_profiles():
     doc = _aws()
     assert f"--volume {DATA}:{DATA}" in doc["docker"]["run_options"]  # host mount -> container
-    mounts = [c for c in doc["initialization_commands"] if " mount " in f" {c} " and c.rstrip().endswith(DATA)]
+    mounts = [
+        c for c in doc["initialization_commands"] if " mount " in f" {c} " and c.rstrip().endswith(DATA)
+    ]
     assert mounts and "nfs4" in mounts[0] and "efs" in mounts[0]
     for name, node in doc["available_node_types"].items():
         profile = node["node_config"].get("IamInstanceProfile") or {}
@@ -253,8 +259,10 @@ def _repo_text_files() -> list[Path]:
     skip = {".git", "runs", "tests", "node_modules", "__pycache__"}
     suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".sh", ".json"}
     return [
-        p for p in ROOT.rglob("*")
-        if p.is_file() and not (set(p.relative_to(ROOT).parts) & skip)
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file()
+        and not (set(p.relative_to(ROOT).parts) & skip)
         and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
         and (p.suffix in suffixes or p.name in ("Dockerfile", "Makefile"))
     ]
@@ -292,13 +300,17 @@ GIB_FIGURE = re.compile(r"\d+(\.\d+)?\s*(GiB|GB)\b")
 
 
 @pytest.mark.parametrize(
-    "path", [*sorted((ROOT / "jobs").glob("*.yaml")), *CLUSTER_FILES, ROOT / "clusters/Dockerfile"],
+    "path",
+    [*sorted((ROOT / "jobs").glob("*.yaml")), *CLUSTER_FILES, ROOT / "clusters/Dockerfile"],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_gpu_memory_figures_are_estimates_not_unmeasured_measurements(path):
     lines = _comment_lines(path)
-    claims = [line for line in lines if GIB_FIGURE.search(line) and "measured" in line.lower()
-              and "not measured" not in line.lower()]
+    claims = [
+        line
+        for line in lines
+        if GIB_FIGURE.search(line) and "measured" in line.lower() and "not measured" not in line.lower()
+    ]
     assert not claims, f"{path.name}: a GiB figure stated as measured (no GPU run exists): {claims}"
     if path.name in PAPER_JOBS:
         text = "\n".join(lines)

@@ -117,7 +117,11 @@ def test_kilt_qa_answers_deduped_provenance_gathered(tmp_path):
     [ex] = read_tasks(path, "qa")
     # titles are parallel to the deduplicated ids: "42" keeps the title of its titled entry
     assert ex == TaskExample(
-        "1", "Where was Ilsa Dren born?", ("Velmora", "Velmora City"), ("42", "p7"), "qa",
+        "1",
+        "Where was Ilsa Dren born?",
+        ("Velmora", "Velmora City"),
+        ("42", "p7"),
+        "qa",
         provenance_titles=("Ilsa Dren", ""),
     )
 

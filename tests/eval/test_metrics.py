@@ -178,12 +178,27 @@ def colliding(tmp_path):
     qa = _jsonl(
         tmp_path / "nq-dev-kilt.jsonl",
         [
-            {"id": "q1", "input": "where was ilsa dren born", "meta": {},
-             "output": [{"answer": "Velmora", "provenance": [_prov("7", "Ilsa Dren")]}, {"answer": "Velmora"}]},
-            {"id": "q2", "input": "what was zorbin kalt", "meta": {},
-             "output": [{"answer": "baker", "provenance": [_prov("101", "Zorbin_Kalt")]}]},  # KILT spelling
-            {"id": "q3", "input": "who is nobody", "meta": {},
-             "output": [{"answer": "x", "provenance": [_prov("55", "A Page Not In The Corpus")]}]},
+            {
+                "id": "q1",
+                "input": "where was ilsa dren born",
+                "meta": {},
+                "output": [
+                    {"answer": "Velmora", "provenance": [_prov("7", "Ilsa Dren")]},
+                    {"answer": "Velmora"},
+                ],
+            },
+            {
+                "id": "q2",
+                "input": "what was zorbin kalt",
+                "meta": {},
+                "output": [{"answer": "baker", "provenance": [_prov("101", "Zorbin_Kalt")]}],
+            },  # KILT spelling
+            {
+                "id": "q3",
+                "input": "who is nobody",
+                "meta": {},
+                "output": [{"answer": "x", "provenance": [_prov("55", "A Page Not In The Corpus")]}],
+            },
         ],
     )
     preds = _jsonl(
@@ -215,13 +230,16 @@ def test_page_ids_colliding_with_passage_ids_are_no_hits_through_titles(collidin
     old = evaluate(colliding["preds"], specs, corpus_path=colliding["corpus"], ks=(1, 2, 3))["nq-dev-kilt"]
     # the old comparison (wikipedia_id == passage id) finds a "hit" at rank 1 for every example
     assert old["recall@1"] == 1.0
-    new = evaluate(colliding["preds"], specs, corpus_path=colliding["corpus"], ks=(1, 2, 3),
-                   provenance="page_title")["nq-dev-kilt"]
+    new = evaluate(
+        colliding["preds"], specs, corpus_path=colliding["corpus"], ks=(1, 2, 3), provenance="page_title"
+    )["nq-dev-kilt"]
     # by hand: q1's page passages 101/102 first at rank 3; q2's page (Zorbin Kalt = 55) at rank 2;
     # q3's page is not in the corpus
     assert (new["recall@1"], new["recall@2"], new["recall@3"]) == (0.0, 1 / 3, 2 / 3)
     for k in (1, 2, 3):
-        assert new[f"recall@{k}"] == _title_recall_by_hand(COLLIDING_CORPUS, colliding["qa"], colliding["preds"], k)
+        assert new[f"recall@{k}"] == _title_recall_by_hand(
+            COLLIDING_CORPUS, colliding["qa"], colliding["preds"], k
+        )
     assert new["provenance_unmatched"] == 1 and new["recall_source"] == "provenance" and new["em"] == 2 / 3
 
 
@@ -245,8 +263,19 @@ def test_cli_eval_passes_the_provenance_mode(colliding, tmp_path, capsys):
     from imprag_ray.cli import main
 
     out = tmp_path / "m.json"
-    argv = ["eval", "--predictions", str(colliding["preds"]), "--tasks", f"{colliding['qa']}:qa",
-            "--corpus", str(colliding["corpus"]), "--ks", "1,3", "--json", str(out)]
+    argv = [
+        "eval",
+        "--predictions",
+        str(colliding["preds"]),
+        "--tasks",
+        f"{colliding['qa']}:qa",
+        "--corpus",
+        str(colliding["corpus"]),
+        "--ks",
+        "1,3",
+        "--json",
+        str(out),
+    ]
     assert main([*argv, "--provenance", "page_title"]) == 0
     assert json.loads(out.read_text())["nq-dev-kilt"]["recall@1"] == 0.0
     assert main(argv) == 0  # default: passage_id
@@ -265,8 +294,15 @@ def test_recall_on_the_micro_kilt_world_equals_title_recall_by_hand(tmp_path):
     corpus = world["files"]["atlas/enwiki-dec2021/passages.jsonl"]
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     teacher = BM25Teacher(read_corpus(corpus))
-    specs = [(world["files"][f"kilt/{n}-dev-kilt.jsonl"], f) for n, f in
-             [("nq", "qa"), ("hotpotqa", "qa"), ("trex", "slot_filling"), ("aidayago2", "entity_linking")]]
+    specs = [
+        (world["files"][f"kilt/{n}-dev-kilt.jsonl"], f)
+        for n, f in [
+            ("nq", "qa"),
+            ("hotpotqa", "qa"),
+            ("trex", "slot_filling"),
+            ("aidayago2", "entity_linking"),
+        ]
+    ]
     preds = []
     for path, _ in specs:
         tasks = [json.loads(line) for line in Path(path).read_text().splitlines()]

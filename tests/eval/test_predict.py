@@ -42,8 +42,9 @@ def test_predict_stops_at_any_of_its_stop_ids(setup):
         free = model.generate(prompt, torch.ones_like(prompt), max_new_tokens=6)[0].tolist()
     stop = free[2]
     cut = free[: free.index(stop)]
-    pred = predict(model, tok, store, examples[:1], index=None, top_k=3, max_new_tokens=6,
-                   stop_ids=[10**6, stop])[0]
+    pred = predict(
+        model, tok, store, examples[:1], index=None, top_k=3, max_new_tokens=6, stop_ids=[10**6, stop]
+    )[0]
     assert pred["prediction"] == tok.decode(cut, skip_special_tokens=True).strip()
     assert pred["retrieved"] == []  # closed book
 

@@ -10,8 +10,10 @@ from imprag_ray.data.tokenized import encode_prompt_text
 from imprag_ray.model.checkpoint import load_tokenizer, stop_token_ids
 from tests.llama3_micro import build_snapshot, read_generation_eos
 
-TEXTS = [f"The town of Vel{i} lies on the river Aro. Its mayor is Tana Obi{i % 7}, elected in {1900 + i}."
-         for i in range(120)]
+TEXTS = [
+    f"The town of Vel{i} lies on the river Aro. Its mayor is Tana Obi{i % 7}, elected in {1900 + i}."
+    for i in range(120)
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,12 @@ def test_greedy_decoding_of_the_instruct_snapshot_stops_at_eot(snapshot):
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     for chat in (True, False):
         ids = encode_prompt_text(tok, "Q: who is the mayor of Vel3? A:", 64, chat=chat)
-        out = lm.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                          eos_token_id=stop_token_ids(snapshot, tok), pad_token_id=tok.pad_token_id)
-        new = out[0, len(ids):].tolist()
+        out = lm.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stop_token_ids(snapshot, tok),
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[0, len(ids) :].tolist()
         assert new[-1] == eot and len(new) < 12

@@ -173,9 +173,13 @@ def _fsdp_bf16_rank_main(rank: int, init_file: str, out_dir: str, job: str) -> N
     from imprag_ray.pipelines.train_worker import DistributedRecipe
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    cfg = load_config(TrainJobConfig, job, ["train.batch_size=4", "model.dtype=bfloat16", f"output_dir={out_dir}/run"])
+    cfg = load_config(
+        TrainJobConfig, job, ["train.batch_size=4", "model.dtype=bfloat16", f"output_dir={out_dir}/run"]
+    )
     group = dist.new_group()
-    recipe = DistributedRecipe(cfg, rank=rank, world_size=2, gather=lambda x: all_gather_rows(x, group), group=group)
+    recipe = DistributedRecipe(
+        cfg, rank=rank, world_size=2, gather=lambda x: all_gather_rows(x, group), group=group
+    )
     recipe.setup()
     recipe.shard()
     recipe.example_source = _order(recipe, rank)

@@ -220,7 +220,9 @@ def test_cross_section_checks(tiny_world):
     assert err.value.key == "train.batch_size" and "multiple of 3" in str(err.value)
     check_ray_config(load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp"]))  # accepted
     # bf16 is model.dtype's job on every strategy and device; ray.fsdp_bf16 is gone
-    check_ray_config(load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp", "model.dtype=bfloat16"]))
+    check_ray_config(
+        load_config(TrainJobConfig, tiny_world["job"], ["ray.strategy=fsdp", "model.dtype=bfloat16"])
+    )
     with pytest.raises(ConfigError) as err:
         load_config(TrainJobConfig, tiny_world["job"], ["ray.fsdp_bf16=true"])
     assert err.value.key == "ray.fsdp_bf16"

@@ -57,7 +57,9 @@ def _imprag(work: Path, env: dict, *args: str, timeout: float = 600) -> subproce
     cmd = [sys.executable, "-m", "imprag_ray.cli", *args]
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        )
     return done
 
 
@@ -86,7 +88,9 @@ def _train_with_a_kill(work: Path, env: dict, address: str) -> dict:
     killer = threading.Thread(target=_kill_rank_in_epoch, args=(work / RUN, 1, done, record), daemon=True)
     killer.start()
     try:
-        _imprag(work, env, "train", "--config", str(JOB), "--address", address, "--json", "runs/train-eval.json")
+        _imprag(
+            work, env, "train", "--config", str(JOB), "--address", address, "--json", "runs/train-eval.json"
+        )
     finally:
         done.set()
     return record
@@ -99,19 +103,34 @@ def _serve_and_ask(work: Path, env: dict, address: str, questions: list[str]) ->
     from imprag_ray.bench.serve import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "imprag_ray.cli", "serve", "--config", str(SERVE_JOB), "--address", address,
-           f"http.port={port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imprag_ray.cli",
+        "serve",
+        "--config",
+        str(SERVE_JOB),
+        "--address",
+        address,
+        f"http.port={port}",
+    ]
     with open(work / "runs/serve.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while "ready at" not in (work / "runs/serve.log").read_text():
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"imprag serve did not come up:\n{(work / 'runs/serve.log').read_text()[-8000:]}")
+                raise AssertionError(
+                    f"imprag serve did not come up:\n{(work / 'runs/serve.log').read_text()[-8000:]}"
+                )
             time.sleep(1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, timeout=120, max_retries=0
+        )
         model = client.models.list().data[0].id
-        return [client.completions.create(model=model, prompt=q, max_tokens=16, temperature=0) for q in questions]
+        return [
+            client.completions.create(model=model, prompt=q, max_tokens=16, temperature=0) for q in questions
+        ]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -156,15 +175,54 @@ def _run_stages(work: Path, world: dict, cluster, seconds: dict, start: float) -
         seconds[name] = round(time.time() - t, 1)
         return out
 
-    stage("index_base", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
-          "--json", "runs/index-base.json")
+    stage(
+        "index_base",
+        _imprag,
+        work,
+        env,
+        "index",
+        "build",
+        "--config",
+        str(JOB),
+        "--address",
+        address,
+        "--json",
+        "runs/index-base.json",
+    )
     killed = stage("train", _train_with_a_kill, work, env, address)
-    stage("index_trained", _imprag, work, env, "index", "build", "--config", str(JOB), "--address", address,
-          f"index.checkpoint={TRAINED}", "index.out_dir=runs/indexes/trained",
-          "index.shard_dir=runs/indexes/trained-embeddings", "--json", "runs/index-trained.json")
-    stage("batch", _imprag, work, env, "batch", "--config", str(JOB), "--address", address,
-          f"batch.checkpoint={TRAINED}", "batch.index_dir=runs/indexes/trained",
-          "batch.output=runs/batch/predictions.jsonl", "--json", "runs/batch-metrics.json")
+    stage(
+        "index_trained",
+        _imprag,
+        work,
+        env,
+        "index",
+        "build",
+        "--config",
+        str(JOB),
+        "--address",
+        address,
+        f"index.checkpoint={TRAINED}",
+        "index.out_dir=runs/indexes/trained",
+        "index.shard_dir=runs/indexes/trained-embeddings",
+        "--json",
+        "runs/index-trained.json",
+    )
+    stage(
+        "batch",
+        _imprag,
+        work,
+        env,
+        "batch",
+        "--config",
+        str(JOB),
+        "--address",
+        address,
+        f"batch.checkpoint={TRAINED}",
+        "batch.index_dir=runs/indexes/trained",
+        "batch.output=runs/batch/predictions.jsonl",
+        "--json",
+        "runs/batch-metrics.json",
+    )
     questions = [ex["input"] for ex in _rows(work / "data/kilt/nq-dev-kilt.jsonl")[:3]]
     answers = stage("serve", _serve_and_ask, work, env, address, questions)
     seconds["total"] = round(time.time() - start, 1)
@@ -239,9 +297,18 @@ def _changed_fraction(work: Path, dtype: str) -> float:
     here = Path.cwd()
     os.chdir(work)
     try:
-        cfg = load_train_config(JOB, [f"model.dtype={dtype}", "train.lr=2e-5", "train.warmup_steps=1",
-                                      "train.steps_per_epoch=20", "train.epochs=1", "train.batch_size=2",
-                                      f"output_dir=runs/precision-{dtype}"])
+        cfg = load_train_config(
+            JOB,
+            [
+                f"model.dtype={dtype}",
+                "train.lr=2e-5",
+                "train.warmup_steps=1",
+                "train.steps_per_epoch=20",
+                "train.epochs=1",
+                "train.batch_size=2",
+                f"output_dir=runs/precision-{dtype}",
+            ],
+        )
     finally:
         os.chdir(here)
     recipe = ImpRAGRecipe(cfg)

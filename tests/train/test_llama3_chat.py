@@ -55,7 +55,9 @@ def test_llama3_items_use_the_chat_template_and_end_at_eot(recipe):
 
     qa = read_tasks(recipe.cfg.data.train[0].path, "qa")[0]
     item = recipe.items[0]
-    assert item.prompt == encode_prompt_text(tok, format_prompt(qa), recipe.cfg.data.max_prompt_tokens, chat=True)
+    assert item.prompt == encode_prompt_text(
+        tok, format_prompt(qa), recipe.cfg.data.max_prompt_tokens, chat=True
+    )
     assert item.prompt[:2] == [tok.bos_token_id, header]
     assert tok.decode(item.prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert all(it.target[-1] == eot for it in recipe.items)
@@ -69,7 +71,9 @@ def test_llama3_snapshot_trains_through_the_recipe(recipe):
 
     tok = recipe.tokenizer
     assert tok.pad_token == "<|finetune_right_pad_id|>"
-    items = [it for it in recipe.items if it.retrieval][:2] + [it for it in recipe.items if not it.context][:2]
+    items = [it for it in recipe.items if it.retrieval][:2] + [it for it in recipe.items if not it.context][
+        :2
+    ]
     batch = collate(items, recipe.store, recipe.model.k, tok.pad_token_id, with_passages=True)
     assert bool((batch.input_ids[batch.attention_mask == 0] == tok.pad_token_id).all())
     assert bool((batch.attention_mask == 0).any())  # right-padded rows exist

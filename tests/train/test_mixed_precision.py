@@ -23,11 +23,22 @@ STEPS = 20
 
 
 def _train(tiny_world, out, dtype: str) -> ImpRAGRecipe:
-    cfg = load_config(TrainJobConfig, tiny_world["job"], [
-        f"output_dir={out}", f"model.dtype={dtype}", "train.lr=2e-5", "train.warmup_steps=1",
-        "train.min_lr_ratio=1.0", "train.epochs=1", "train.warmup_epochs=1",
-        f"train.steps_per_epoch={STEPS}", "train.batch_size=4", "train.log_every=100",
-    ])
+    cfg = load_config(
+        TrainJobConfig,
+        tiny_world["job"],
+        [
+            f"output_dir={out}",
+            f"model.dtype={dtype}",
+            "train.lr=2e-5",
+            "train.warmup_steps=1",
+            "train.min_lr_ratio=1.0",
+            "train.epochs=1",
+            "train.warmup_epochs=1",
+            f"train.steps_per_epoch={STEPS}",
+            "train.batch_size=4",
+            "train.log_every=100",
+        ],
+    )
     recipe = ImpRAGRecipe(cfg)
     recipe.setup()
     recipe.train_epoch()
@@ -46,8 +57,11 @@ def runs(tiny_world, tmp_path_factory):
     out = {"init": init}
     for dtype in ("float32", "bfloat16"):
         recipe = _train(tiny_world, tmp / dtype, dtype)
-        out[dtype] = {"recipe": recipe, "masters": {k: v.detach().clone() for k, v in recipe.model.lm.state_dict().items()},
-                      "saved": recipe.save_checkpoint()}
+        out[dtype] = {
+            "recipe": recipe,
+            "masters": {k: v.detach().clone() for k, v in recipe.model.lm.state_dict().items()},
+            "saved": recipe.save_checkpoint(),
+        }
     return out
 
 
@@ -62,8 +76,16 @@ def test_bf16_job_moves_as_many_weights_as_fp32(runs):
     saved16 = load_file(bf16["saved"] / "model.safetensors")
     round_fp32 = _fraction_changed(init16, {k: v.to(torch.bfloat16) for k, v in fp32["masters"].items()})
     round_bf16 = _fraction_changed(init16, saved16)
-    print(json.dumps({"fp32": frac_fp32, "bf16_mixed": frac_bf16, "fp32_rounded_to_bf16": round_fp32,
-                      "bf16_checkpoint": round_bf16}))
+    print(
+        json.dumps(
+            {
+                "fp32": frac_fp32,
+                "bf16_mixed": frac_bf16,
+                "fp32_rounded_to_bf16": round_fp32,
+                "bf16_checkpoint": round_bf16,
+            }
+        )
+    )
     assert frac_fp32 > 0.9
     assert abs(frac_bf16 - frac_fp32) < 0.03
     assert abs(round_bf16 - round_fp32) < 0.05
@@ -80,6 +102,8 @@ def test_bf16_job_writes_bf16_checkpoints_that_load(runs):
     assert weights.keys() <= masters.keys()
     for key, value in weights.items():
         assert torch.equal(value, masters[key].to(torch.bfloat16)), key
-    assert {v.dtype for v in load_file(runs["float32"]["saved"] / "model.safetensors").values()} == {torch.float32}
+    assert {v.dtype for v in load_file(runs["float32"]["saved"] / "model.safetensors").values()} == {
+        torch.float32
+    }
     model = ImpRAGModel.from_pretrained(saved)  # loads as fp32
     assert model.b == runs["bfloat16"]["recipe"].model.b

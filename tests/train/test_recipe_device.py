@@ -33,7 +33,9 @@ def test_resume_places_the_model_before_building_and_loading_the_optimizer(tiny_
 
     monkeypatch.setattr(ImpRAGModel, "to", to)
     monkeypatch.setattr(ImpRAGRecipe, "_optimizer", lambda self: calls.append("optimizer") or real_opt(self))
-    monkeypatch.setattr(ImpRAGRecipe, "_load_state", lambda self, c: calls.append("load_state") or real_load(self, c))
+    monkeypatch.setattr(
+        ImpRAGRecipe, "_load_state", lambda self, c: calls.append("load_state") or real_load(self, c)
+    )
     resumed = ImpRAGRecipe(_cfg(tiny_world, tmp_path), device=torch.device("cpu"))
     resumed.setup(resume_from=ckpt)
     assert calls == ["to cpu", "optimizer", "load_state"]
