@@ -10,6 +10,8 @@ actor resources, concurrency cap and batching. Loaded by the Ray-free loader
 
 from __future__ import annotations
 
+import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,25 +69,64 @@ class SearchSection:
                 raise ConfigError.at(key, f"must be > 0 or null (the index manifest's), got {value}")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 @dataclass(frozen=True)
 class HttpSection:
+    """Serve's HTTP proxy (``serve.start(http_options=...)``, built by
+    :func:`imprag_ray.serve.app.http_options`).
+
+    ``host``: the address the proxy binds; anything but loopback needs ``auth`` (checked by
+    :meth:`ServeJobConfig.validate`). ``request_timeout_s``: the proxy's end-to-end limit per
+    request, streams included (null = none); past it the proxy answers 408 in plain text,
+    so keep it above ``timeouts.retrieval_s + timeouts.generation_s``, which answer 504
+    JSON first. ``keep_alive_timeout_s``: how long an idle keep-alive connection stays
+    open; Serve's 90 s outlasts the 60 s idle timeout common in load balancers, so a
+    balancer never reuses a connection the server has just closed.
+    """
+
     host: str = "127.0.0.1"  # loopback unless configured otherwise
     port: int = 8000
     route_prefix: str = "/"
+    request_timeout_s: float | None = 300.0
+    keep_alive_timeout_s: int = 90
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError.at("port", f"must be in 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):
             raise ConfigError.at("route_prefix", f"must start with '/', got {self.route_prefix!r}")
+        if self.request_timeout_s is not None and not 0 < self.request_timeout_s < math.inf:
+            raise ConfigError.at(
+                "request_timeout_s", f"must be a finite number > 0 or null, got {self.request_timeout_s}"
+            )
+        if self.keep_alive_timeout_s <= 0:
+            raise ConfigError.at("keep_alive_timeout_s", f"must be > 0, got {self.keep_alive_timeout_s}")
 
 
 @dataclass(frozen=True)
 class AuthSection:
-    """Optional Bearer API key: given inline or (better) named by an environment variable."""
+    """Bearer API key: given inline or (better) named by an environment variable.
+
+    Without a key the API is open to whoever reaches ``http.host``: allowed on loopback;
+    on any other address only with ``allow_unauthenticated: true`` (the risk accepted).
+    """
 
     api_key: str | None = None
     api_key_env: str | None = None
+    allow_unauthenticated: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_key is not None or self.api_key_env is not None
 
     def validate(self) -> None:
         if self.api_key is not None and self.api_key_env is not None:
@@ -184,14 +225,38 @@ class BatchingSection:
 
 @dataclass(frozen=True)
 class DeploymentSection:
+    """One deployment's replicas, resources, concurrency and queue.
+
+    ``max_ongoing_requests``: requests one replica runs at once. ``max_queued_requests``:
+    Ray Serve's per-caller queue of requests waiting for a free replica (each proxy or
+    ingress replica queues its own); past it the caller refuses at once instead of letting
+    waits grow without bound: HTTP 503 in plain text from the proxy (the ingress queue), 503
+    JSON with ``Retry-After`` from the ingress (a stage queue). null = 4 x
+    ``max_ongoing_requests``; -1 = no limit.
+    """
+
     autoscaling_config: AutoscalingSection = AutoscalingSection()
     ray_actor_options: ActorOptionsSection = ActorOptionsSection()
     max_ongoing_requests: int = 16
+    max_queued_requests: int | None = None
     batching: BatchingSection = BatchingSection()
 
     def validate(self) -> None:
         if self.max_ongoing_requests <= 0:
             raise ConfigError.at("max_ongoing_requests", f"must be > 0, got {self.max_ongoing_requests}")
+        q = self.max_queued_requests
+        if q is not None and q != -1 and q <= 0:
+            raise ConfigError.at(
+                "max_queued_requests",
+                f"must be > 0, -1 (no limit) or null (4 x max_ongoing_requests), got {q}",
+            )
+
+    @property
+    def queue_limit(self) -> int:
+        """The ``max_queued_requests`` given to Serve (-1: unbounded)."""
+        if self.max_queued_requests is None:
+            return 4 * self.max_ongoing_requests
+        return self.max_queued_requests
 
 
 @dataclass(frozen=True)
@@ -217,6 +282,39 @@ class RetrySection:
 
 
 @dataclass(frozen=True)
+class TimeoutsSection:
+    """How long the ingress waits on each call before giving up with a 504 JSON answer
+    (the call is cancelled, so a hung stage frees its slot).
+
+    ``retrieval_s``: one retrieval call. ``generation_s``: a whole non-streaming
+    generation; for a stream, the time to its first token and then the longest gap
+    between two token chunks. ``control_s``: a call to the Control deployment (version
+    lookup, ``/v1/status``, ``/readyz``).
+    """
+
+    retrieval_s: float = 30.0
+    generation_s: float = 120.0
+    control_s: float = 10.0
+
+    def validate(self) -> None:
+        for key in ("retrieval_s", "generation_s", "control_s"):
+            value = getattr(self, key)
+            if not 0 < value < math.inf:
+                raise ConfigError.at(key, f"must be a finite number > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """Serve's ``logging_config`` of the ingress and both stages (Control's heartbeats
+    never get access logs). ``encoding``: ``TEXT`` or ``JSON`` (one JSON object per line,
+    for log collectors). ``access_log``: one line per request and deployment (method,
+    route, status, latency, request id)."""
+
+    encoding: Literal["TEXT", "JSON"] = "TEXT"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
 class ReloadSection:
     """Hot swap: how long replicas may take to load a new version, and to drain the old one."""
 
@@ -232,7 +330,13 @@ class ReloadSection:
 
 @dataclass(frozen=True)
 class ServeJobConfig:
-    """``imprag serve``: checkpoint + its index + corpus, engine, HTTP, limits, deployments."""
+    """``imprag serve``: checkpoint + its index + corpus, engine, HTTP, auth, limits,
+    deployments, retries, hot swap, timeouts and logging (each section documented on its class).
+
+    Checked across sections: a non-loopback ``http.host`` needs auth (or
+    ``auth.allow_unauthenticated: true``), and ``http.request_timeout_s`` must leave room for
+    ``timeouts.retrieval_s + timeouts.generation_s``.
+    """
 
     name: str
     checkpoint: str = field(metadata={"path": "dir"})
@@ -254,8 +358,25 @@ class ServeJobConfig:
     deployments: DeploymentsSection = DeploymentsSection()
     retry: RetrySection = RetrySection()
     reload: ReloadSection = ReloadSection()
+    timeouts: TimeoutsSection = TimeoutsSection()
+    logging: LoggingSection = LoggingSection()
 
     def validate(self) -> None:
+        if not self.auth.enabled and not self.auth.allow_unauthenticated and not is_loopback(self.http.host):
+            raise ConfigError.at(
+                "http.host",
+                f"{self.http.host!r} is reachable from other machines but auth is off: anyone who "
+                "reaches it can use the model; set auth.api_key_env (an environment variable holding "
+                "the key), or set auth.allow_unauthenticated: true to accept the risk",
+            )
+        budget = self.timeouts.retrieval_s + self.timeouts.generation_s
+        if self.http.request_timeout_s is not None and self.http.request_timeout_s <= budget:
+            raise ConfigError.at(
+                "http.request_timeout_s",
+                f"must be > timeouts.retrieval_s + timeouts.generation_s ({budget:g} s), got "
+                f"{self.http.request_timeout_s:g}: a slow stage must get its 504 JSON answer before "
+                "the proxy cuts the request",
+            )
         if self.top_k is not None and self.top_k <= 0:
             raise ConfigError.at("top_k", f"must be > 0 or null, got {self.top_k}")
         k = self.model.num_passages

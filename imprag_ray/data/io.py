@@ -2,15 +2,26 @@
 
 Readers stream (a corpus may hold tens of millions of rows). Writers never leave a
 half-written file behind: they write a temp file next to the target and `os.replace` it.
+
+Durability: a rename is only as durable as the data it points at. Without an fsync the
+kernel may persist the rename before the file's blocks, and a crash (power loss, a
+killed VM) then leaves a renamed-but-empty (or zero-filled) artefact that looks finished.
+So every writer here fsyncs the written file(s) and the temp directory before the rename,
+and the parent directory after it (which persists the rename itself).
+
+Modes: outputs get the mode a plain ``open``/``mkdir`` would give them (0o666 / 0o777
+minus the umask), not the private 0o600 / 0o700 of ``mkstemp`` / ``mkdtemp``: a serving
+or evaluation job running as another user of a shared volume must be able to read them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,17 +79,87 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:row {rowno}", row
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to stable storage (``os.fsync`` on a read-only handle,
+    which Linux accepts for regular files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Persist a directory's entries (files created, renamed or deleted in it).
+
+    Some filesystems (a few network / FUSE mounts) cannot fsync a directory and answer
+    EINVAL or ENOTSUP; there is nothing more to do on those, so that error is ignored.
+    Every other error (EIO: the disk lost the data) is raised."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under ``root`` (deepest first) and ``root`` itself."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fsync_file(full)
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fsync_dir(full)
+    fsync_dir(root)
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the written temp file ``tmp`` onto ``path`` so that a crash leaves either the
+    old file or the complete new one: fsync ``tmp``, rename, fsync the directory."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def _unique_name(parent: Path, stem: str, suffix: str) -> Path:
+    return parent / f".{stem}.{secrets.token_hex(6)}{suffix}"
+
+
 def _temp_path(path: Path) -> Path:
-    """A unique temp file in the target's directory (same filesystem, so os.replace is atomic)."""
+    """A new empty temp file in the target's directory (same filesystem, so os.replace is
+    atomic), created with mode 0o666 & ~umask as ``open(path, "w")`` would be."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    while True:
+        tmp = _unique_name(path.parent, path.name, ".tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # 48 random bits collided: draw again
+            continue
+        return tmp
+
+
+def _temp_dir(out_dir: Path) -> Path:
+    """A new empty temp directory next to ``out_dir``, created with mode 0o777 & ~umask as a
+    plain ``mkdir`` would be (``tempfile.mkdtemp`` makes it 0o700, and the rename keeps that)."""
+    while True:
+        tmp = _unique_name(out_dir.parent, out_dir.name, ".tmp")
+        try:
+            os.mkdir(tmp)
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[Any]:
-    """Open a temp text file; on success fsync and rename it onto `path`, else delete it."""
+    """Open a temp text file; on success fsync and rename it onto `path` (then fsync the
+    directory, which makes the rename durable), else delete it."""
     path = Path(path)
     tmp = _temp_path(path)
     try:
@@ -87,6 +168,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -119,7 +201,7 @@ def write_parquet_atomic(path: str | os.PathLike, rows: list[dict[str, Any]]) ->
     tmp = _temp_path(path)
     try:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -131,14 +213,18 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     """Yield a fresh temp directory that becomes `out_dir` only if the block succeeds.
 
     Refuses (FileExistsError) a non-empty `out_dir` unless overwrite=True; then the old
-    directory is swapped out and deleted only after the new one is in place.
+    directory is swapped out and deleted only after the new one is in place. Everything
+    written in the block is fsynced before the rename and the parent after it, so a crash
+    leaves the old directory or the complete new one, never a renamed-but-empty one. The
+    directory gets the mode of a plain ``mkdir`` (0o777 & ~umask).
     """
     out_dir = Path(out_dir)
     _check_target_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = _temp_dir(out_dir)
     try:
         yield tmp
+        fsync_tree(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,15 +241,18 @@ def _check_target_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir`` (an absent one directly, else through a
+    backup name) and fsync the parent so the rename survives a crash."""
     if not out_dir.exists():
         os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
+    old = _unique_name(out_dir.parent, out_dir.name, ".old")
     os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)
     except BaseException:
         os.rename(old, out_dir)  # put the previous contents back
         raise
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)

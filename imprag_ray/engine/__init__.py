@@ -11,6 +11,7 @@ from imprag_ray.engine.base import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    RequestAbortedError,
     Sampling,
     build_engine,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "GenerationEngine",
     "GenerationRequest",
     "GenerationResult",
+    "RequestAbortedError",
     "Sampling",
     "build_engine",
 ]

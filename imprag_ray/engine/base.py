@@ -7,22 +7,52 @@ closed book (the base LLM: prompt at positions 0..L-1); a tuple (possibly shorte
 k, possibly with empty passages) means the prompt sits after a region of
 ``k * l_max`` position slots, the first ``sum(len(p))`` of them holding the passages
 packed in order (DESIGN §1).
+
+Two ways to call an engine:
+
+* synchronous, for batch pipelines and tests: ``generate(requests)`` and ``stream(request)``;
+* asyncio-native, for the Serve generation stage: ``agenerate(request)`` and
+  ``astream(request)`` run in the caller's event loop without a thread per request; the
+  engine batches concurrent requests itself. Cancelling an ``agenerate`` task or closing an
+  ``astream`` early aborts the request (the engine stops stepping it); ``abort(id)`` does
+  the same from anywhere, ``running()`` lists the requests still queued or being stepped.
+
+A request that fails validation (``check_request``) raises :class:`EngineError` from its
+own call only; requests batched with it are unaffected.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 ENGINE_KINDS = ("torch", "vllm")
+# Sampling seeds: non-negative and within a signed 64-bit integer (torch.Generator.manual_seed
+# and vLLM's per-request generators take no more).
+MAX_SEED = 2**63 - 1
 
 
 class EngineError(ValueError):
     """A request the engine cannot serve (too many passages, passage too long, ...)."""
+
+
+class RequestAbortedError(EngineError):
+    """The request was aborted (``abort(request_id)``) or the engine closed before it finished."""
+
+
+def check_seed(seed: object) -> None:
+    """Raise EngineError unless ``seed`` is None or an int in [0, MAX_SEED]."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise EngineError(f"seed must be an integer or None, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise EngineError(f"seed must be in [0, 2**63 - 1], got {seed}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,7 @@ class Sampling:
             raise EngineError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -100,11 +131,42 @@ class GenerationEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for a batch of requests, results in request order."""
+        """Generate for a batch of requests, results in request order. Raises EngineError
+        before generating anything when any request is invalid."""
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> Iterator[list[int]]:
-        """Yield new token ids as they are decoded (EOS excluded); ends when done."""
+        """Yield new token ids as they are decoded (EOS excluded); ends when done. Closing
+        the iterator early aborts the request."""
+
+    @abc.abstractmethod
+    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate for one request in the caller's event loop; concurrent calls are batched
+        by the engine. Cancelling the awaiting task aborts the request. Raises EngineError
+        (this request only) when it is invalid, RequestAbortedError when it was aborted."""
+
+    @abc.abstractmethod
+    def astream(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        """An async generator in the caller's event loop yielding new token ids as they are
+        decoded (stop id excluded). No thread is held per stream. Closing it early
+        (``aclose()``, ``break`` then garbage collection, or cancellation of the consuming
+        task) aborts the request. Errors as :meth:`agenerate`, raised from iteration."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop generating for the live request with this engine id (see :meth:`running`);
+        its caller gets RequestAbortedError. Unknown or finished ids are ignored."""
+
+    @abc.abstractmethod
+    def running(self) -> list[str]:
+        """Engine ids of the requests queued or being stepped: the request's ``request_id``,
+        an assigned unique id when it was empty, or ``<request_id>#<n>`` when a live request
+        already had that id."""
+
+    @abc.abstractmethod
+    def check_health(self) -> None:
+        """Raise (EngineError) when the engine cannot serve: closed, or its worker thread /
+        event loop is gone. Serve's health probe of a generation replica calls it."""
 
     @abc.abstractmethod
     def reload(self, checkpoint_dir: str) -> str:
@@ -115,6 +177,9 @@ class GenerationEngine(abc.ABC):
         """Release processes / memory."""
 
     def check_request(self, request: GenerationRequest) -> None:
+        # Sampling validates the seed too; checked again here because the engine must not
+        # fail a whole batch on a request that bypassed the dataclass check.
+        check_seed(request.sampling.seed)
         if request.passages is None:
             return
         if len(request.passages) > self.num_passages:
@@ -126,6 +191,18 @@ class GenerationEngine(abc.ABC):
                 raise EngineError(
                     f"passage {i} has {len(p)} tokens > max_passage_tokens={self.max_passage_tokens}"
                 )
+
+
+def engine_request_id(wanted: str, live: Collection[str]) -> str:
+    """The engine id of a new request: ``wanted``, a fresh unique id when it is empty, or
+    ``wanted#<n>`` when a live request already uses ``wanted`` (so two live requests with
+    the same id never share results or aborts)."""
+    if not wanted:
+        return f"req-{uuid.uuid4().hex}"
+    rid, n = wanted, 1
+    while rid in live:
+        rid, n = f"{wanted}#{n}", n + 1
+    return rid
 
 
 def checkpoint_stop_ids(checkpoint_dir: str | os.PathLike) -> list[int]:

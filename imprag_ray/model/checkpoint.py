@@ -209,8 +209,33 @@ def stop_token_ids(path: str | os.PathLike, tokenizer=None) -> list[int]:
     return [int(i) for i in dict.fromkeys(ids)]
 
 
+# Files besides the weights that change what a checkpoint computes or emits, hashed with
+# them: the model and ImpRAG configs; the tokenizer (another vocabulary, merges or special
+# tokens turn the same text into other ids, so an index of its passages and the queries of
+# the model no longer meet; HF fast (tokenizer.json), SentencePiece (tokenizer.model) and
+# BPE/WordPiece (vocab/merges) layouts); the chat template (the prompts it builds); and
+# generation_config.json (eos ids, where answers stop).
+HASHED_FILES = (
+    "config.json",
+    IMPRAG_CONFIG_NAME,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """sha256 over the weight files, model config and ImpRAG config of a checkpoint.
+    """sha256 over the weight files, configs, tokenizer files and generation config of a
+    checkpoint (:data:`HASHED_FILES` present in it), each as its name, size and bytes, in
+    name order: the same directory contents give the same hash on any machine.
 
     Indexes and serving replicas record it so a mismatched pairing is refused.
     """
@@ -218,13 +243,14 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
     names = sorted(
         p.name
         for p in path.iterdir()
-        if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", IMPRAG_CONFIG_NAME)
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in HASHED_FILES)
     )
     if not any(n.endswith((".safetensors", ".bin")) for n in names):
         raise FileNotFoundError(f"{path}: no model weights (*.safetensors / *.bin) found")
     digest = hashlib.sha256()
     for name in names:
-        digest.update(name.encode())
+        # name and size first: the boundary between two files' bytes is unambiguous
+        digest.update(f"{name}\0{(path / name).stat().st_size}\0".encode())
         with open(path / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)

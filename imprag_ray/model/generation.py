@@ -12,7 +12,7 @@ generated tokens stay masked in the cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
@@ -77,7 +77,9 @@ def generate_steps(
     generator: torch.Generator | None = None,
     prompt_state: PromptState | None = None,
     passage_kv: PassageKV | None = None,
-) -> Iterator[Tensor]:
+    sampler: Callable[[Tensor], Tensor] | None = None,
+    keep_rows: Callable[[], Tensor | None] | None = None,
+) -> Generator[Tensor, None, None]:
     """Yield the next token of every row, [B], once per decoding step (streaming).
 
     Rows that emitted ``eos_token_id`` (one id, or several: a row stops at any of them, as
@@ -90,6 +92,14 @@ def generate_steps(
         prompt_state: the stage-1 state from ``model.encode_prompt`` (reused if given;
             it must have been encoded for the same number of passages).
         passage_kv: precomputed passage KV (else computed here from passage_ids).
+        sampler: picks the next tokens from logits [B', V] -> [B'] instead of
+            :func:`select_next` with the sampling arguments (an engine with per-row
+            settings or per-row random generators).
+        keep_rows: called before each decoding step after the first; returns the indices
+            (into the rows of the last yielded token) of the rows to go on with, or None
+            to keep every row. Dropped rows leave the KV-cached batch (no more compute for
+            them); later yields hold the kept rows only, in the given order. An empty
+            selection ends decoding.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -124,13 +134,25 @@ def generate_steps(
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
     )
     for step in range(max_new_tokens):
-        token = select_next(logits, **sample_args)  # [B]
+        token = sampler(logits) if sampler is not None else select_next(logits, **sample_args)  # [B]
         if stop:
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             finished = finished | torch.isin(token, stop_ids)
         yield token
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
+        keep = keep_rows() if keep_rows is not None else None
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            keep = keep.to(h.device)
+            token, lengths, finished = token[keep], lengths[keep], finished[keep]
+            cache = [LayerKV(c.keys[keep], c.values[keep]) for c in cache]
+            cache_valid = cache_valid[keep]
+            if passage_kv is not None:
+                layers = [LayerKV(c.keys[keep], c.values[keep]) for c in passage_kv.layers]
+                passage_kv = PassageKV(layers, passage_kv.mask[keep])
+            bsz = token.shape[0]
         positions = (state.offset + lengths + step).unsqueeze(1)  # [B, 1]
         new_valid = torch.ones(bsz, 1, dtype=torch.bool, device=h.device)
         x = model.decoder.embed_tokens(token.unsqueeze(1))  # [B, 1, D]

@@ -11,8 +11,12 @@ DESIGN §2 "corpus encoding" / "index"; issue 3 §1. The pipeline streams::
 
 Shard s holds corpus rows ``[s * shard_size, (s+1) * shard_size)`` (corpus order; Ray
 Data keeps block order), so the assignment is deterministic: a rerun reads
-``build.json`` + the ``shard-*.done.json`` markers, drops the rows of finished shards
-before the encoder and re-encodes only the rest. The driver holds at most one shard.
+``build.json`` + the ``shard-*.done.json`` markers, checks every finished shard against
+the corpus (its ids are its rows' ids, its embeddings float32 ``[rows, dim]``:
+:func:`verify_finished`, one pass over the corpus ids) and recomputes those that are not,
+drops the rows of the good ones before the encoder and re-encodes only the rest. Each
+shard file is fsynced before its rename and the done marker is written last, so a crash
+never leaves a marker naming missing data. The driver holds at most one shard.
 
 The FAISS index is then trained on a sample drawn from the shards and filled shard by
 shard (GPU FAISS when available), and saved with its manifest (checkpoint hash, b,
@@ -28,18 +32,17 @@ Llama-3.2-3B): b, post-RoPE and l_max then come from the job's ``model:`` sectio
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imprag_ray.config.loader import ConfigError
-from imprag_ray.data.io import write_json_atomic
+from imprag_ray.data.io import replace_durably, write_json_atomic
 from imprag_ray.index.parts import PARTS_FILE, load_index, save_parts
 from imprag_ray.index.store import IndexManifest, PassageIndex, corpus_fingerprint
 
@@ -110,28 +113,9 @@ def retrieval_settings(cfg, checkpoint: str) -> dict[str, Any]:
 
 
 def fingerprint(corpus: str) -> str:
-    """sha256 of the corpus bytes: a local file (as ``index.store``), or every file of a
-    local directory / pyarrow URI in name order."""
-    if "://" not in corpus and Path(corpus).is_file():
-        return corpus_fingerprint(corpus)
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(corpus if "://" in corpus else str(Path(corpus).resolve()))
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"index.corpus {corpus!r} does not exist")
-    files = (
-        [root]
-        if info.type == pafs.FileType.File
-        else sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.is_file)
-    )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path[len(root) :].encode())
-        with fs.open_input_stream(path) as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """The corpus fingerprint recorded in build.json and the index manifest: see
+    :func:`imprag_ray.index.store.corpus_fingerprint` (file, directory or pyarrow URI)."""
+    return corpus_fingerprint(corpus)
 
 
 def read_corpus_dataset(corpus: str, num_cpus: float):
@@ -145,6 +129,21 @@ def read_corpus_dataset(corpus: str, num_cpus: float):
     if parquet:
         return ray.data.read_parquet(corpus, **args)
     return ray.data.read_json(corpus, lines=True, file_extensions=["jsonl", "json"], **args)
+
+
+def _ids_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "id" not in batch:
+        raise ValueError(f"corpus rows need 'id' and 'text' columns, got {sorted(batch)}")
+    return {"id": np.array([str(i) for i in batch["id"]], dtype=object)}
+
+
+def corpus_ids(corpus: str, num_cpus: float) -> Iterator[str]:
+    """Every corpus id in corpus order, read by the same Ray Data reader as the encoding
+    (so in the same order: call it with ``preserve_order`` set), as ``tokenize_batch``
+    spells them (``str``). Only ids reach the driver."""
+    ds = read_corpus_dataset(corpus, num_cpus).map_batches(_ids_only, batch_format="numpy", num_cpus=num_cpus)
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        yield from batch["id"]
 
 
 # ------------------------------------------------------------ Ray Data stages
@@ -244,21 +243,120 @@ def _shard_name(s: int) -> str:
 
 
 def finished_shards(shard_dir: Path) -> dict[int, dict]:
-    """{shard number: done marker} of the shards whose marker exists (written last)."""
+    """{shard number: done marker} of the shards whose marker exists (written last).
+
+    A marker only says the shard was finished once; :func:`verify_finished` checks the
+    shard's files against the corpus before a rerun trusts them."""
     out = {}
     for marker in sorted(shard_dir.glob("shard-*.done.json")):
         s = int(marker.name.split("-")[1].split(".")[0])
         if (shard_dir / f"{_shard_name(s)}.npy").exists():
-            out[s] = json.loads(marker.read_text())
+            try:
+                out[s] = json.loads(marker.read_text())
+            except (OSError, ValueError) as err:  # unreadable marker: the shard is redone
+                log.warning("%s: unreadable (%s); shard %d will be recomputed", marker, err, s)
     return out
 
 
+def _shard_problem(shard_dir: Path, s: int, marker: dict, want_ids: list[str], dim: int) -> str | None:
+    """Why finished shard ``s`` cannot be reused (None: it can). ``want_ids`` are the corpus
+    ids of its rows ``[s * shard_size, ...)``; ``dim`` the encoder's embedding dim."""
+    name = _shard_name(s)
+    n = len(want_ids)
+    if marker.get("count") != n:
+        return f"its done marker counts {marker.get('count')} passages, the corpus has {n} rows for it"
+    try:
+        ids = json.loads((shard_dir / f"{name}.ids.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{name}.ids.json is unreadable ({err})"
+    if not isinstance(ids, list) or len(ids) != n:
+        got = len(ids) if isinstance(ids, list) else type(ids).__name__
+        return f"{name}.ids.json holds {got} ids, the corpus has {n} rows for it"
+    if ids != want_ids:
+        j = next(j for j, (a, b) in enumerate(zip(ids, want_ids, strict=True)) if a != b)
+        return (
+            f"{name}.ids.json row {j} is {ids[j]!r}, the corpus row is {want_ids[j]!r} (the corpus or "
+            "its order changed)"
+        )
+    try:
+        # mmap: only the header is read; a truncated file fails here or has too few rows
+        emb = np.load(shard_dir / f"{name}.npy", mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        return f"{name}.npy is unreadable or truncated ({err})"
+    if emb.shape != (n, dim) or emb.dtype != np.float32:
+        return f"{name}.npy holds {emb.dtype} {list(emb.shape)}, expected float32 [{n}, {dim}]"
+    return None
+
+
+def verify_finished(
+    shard_dir: Path,
+    done: dict[int, dict],
+    corpus_ids: Iterable[str],
+    shard_size: int,
+    dim: int,
+    echo: Callable[[str], None] = print,
+) -> dict[int, dict]:
+    """The finished shards in ``done`` whose files match the corpus; every other one is
+    dropped (its marker first, then its files) so the rerun recomputes it, with a line
+    saying why.
+
+    A shard is reused only if its ids are the corpus ids of its rows (``corpus_ids`` in
+    corpus order: shard s holds rows ``[s * shard_size, (s+1) * shard_size)``), its
+    marker's count is that row count (``shard_size``, less for the corpus's last shard)
+    and its embeddings are float32 ``[rows, dim]``. A done marker alone proves none of
+    this: a file truncated by a full disk, an ids file of another corpus order or a shard
+    past a shortened corpus would otherwise be joined into the index as it is (and shift
+    every later shard's rows)."""
+    good: dict[int, dict] = {}
+    seen: set[int] = set()
+
+    def check(s: int, want: list[str]) -> None:
+        seen.add(s)
+        if s not in done:
+            return
+        problem = _shard_problem(shard_dir, s, done[s], want, dim)
+        if problem is None:
+            good[s] = done[s]
+        else:
+            _drop_shard(shard_dir, s, problem, echo)
+
+    current, want, rows = None, [], 0
+    for pid in corpus_ids:
+        s = rows // shard_size
+        rows += 1
+        if s != current:
+            if current is not None:
+                check(current, want)
+            current, want = s, []
+        if s in done:
+            want.append(pid)
+    if current is not None:
+        check(current, want)
+    for s in sorted(set(done) - seen):
+        reason = f"it starts at row {s * shard_size}, but the corpus now has {rows} rows"
+        _drop_shard(shard_dir, s, reason, echo)
+    return good
+
+
+def _drop_shard(shard_dir: Path, s: int, reason: str, echo: Callable[[str], None]) -> None:
+    name = _shard_name(s)
+    msg = f"index: shard {s} is recomputed: {reason}"
+    log.warning(msg)
+    echo(msg)
+    (shard_dir / f"{name}.done.json").unlink(missing_ok=True)  # first: never a marker without data
+    for suffix in (".npy", ".ids.json"):
+        (shard_dir / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def _write_shard(shard_dir: Path, s: int, ids: list[str], emb: np.ndarray, nodes: list[str]) -> dict:
+    """Write shard ``s`` (embeddings, ids, then the done marker), each file fsynced and
+    renamed durably (:func:`replace_durably`) before the next: the marker, written last,
+    only ever names a shard whose data is on disk, even across a power loss."""
     name = _shard_name(s)
     tmp = shard_dir / f".{name}.npy.tmp"
     with open(tmp, "wb") as fh:
         np.save(fh, emb.astype(np.float32))
-    os.replace(tmp, shard_dir / f"{name}.npy")
+    replace_durably(tmp, shard_dir / f"{name}.npy")
     write_json_atomic(shard_dir / f"{name}.ids.json", ids)
     counts: dict[str, int] = {}
     for n in nodes:
@@ -284,13 +382,19 @@ def _check_state(shard_dir: Path, state: dict) -> None:
     write_json_atomic(path, state)
 
 
+def embedding_dim(checkpoint: str) -> int:
+    """Dim of the passage embeddings of ``checkpoint``: layer b's key projection width,
+    ``num_key_value_heads * head_dim`` (from its config.json)."""
+    hf = json.loads((Path(checkpoint) / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return int(hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim)
+
+
 def _check_index_type(ic, checkpoint: str) -> None:
     """Fail on a bad ``index.type`` before encoding, not after."""
     import faiss
 
-    hf = json.loads((Path(checkpoint) / "config.json").read_text())
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    dim = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    dim = embedding_dim(checkpoint)
     try:
         faiss.index_factory(dim, ic.type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
@@ -338,11 +442,6 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | No
     shard_dir = Path(paths["shard_dir"])
     _check_state(shard_dir, state)
     done = finished_shards(shard_dir)
-    skip: set[str] = set()
-    for s in done:
-        skip.update(json.loads((shard_dir / f"{_shard_name(s)}.ids.json").read_text()))
-    if done:
-        echo(f"index: resuming, {len(done)} finished shard(s) in {shard_dir} are skipped")
     connect_ray(address)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
@@ -353,6 +452,17 @@ def encode_shards(cfg, *, echo: Callable[[str], None] = print, address: str | No
     try:
         from imprag_ray.pipelines.batch import warn_if_starved
 
+        if done:
+            # One pass over the corpus ids (no text leaves the readers): a resumed shard must
+            # be the rows it claims, whole; see verify_finished. Cheaper by far than encoding.
+            ids_in_order = corpus_ids(paths["corpus"], ic.tokenize_num_cpus)
+            dim = embedding_dim(ckpt)
+            done = verify_finished(shard_dir, done, ids_in_order, ic.shard_size, dim, echo)
+        skip: set[str] = set()
+        for s in done:
+            skip.update(json.loads((shard_dir / f"{_shard_name(s)}.ids.json").read_text()))
+        if done:
+            echo(f"index: resuming, {len(done)} finished shard(s) in {shard_dir} are skipped")
         warn_if_starved("index.num_cpus", ic.encoders * ic.num_cpus, ic.tokenize_num_cpus, echo)
         ds = read_corpus_dataset(paths["corpus"], ic.tokenize_num_cpus)
         ds = ds.map_batches(
@@ -427,10 +537,18 @@ def _drain(ds, shard_dir: Path, done: dict[int, dict], shard_size: int, echo) ->
 
 # ------------------------------------------------------------------ the index
 def iter_shards(shard_dir: Path, shards: list[int]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, embeddings [n, dim] memory-mapped) of each shard; refuses a shard whose row
+    count differs from its id count (it would misalign every later id in the index)."""
     for s in shards:
         name = _shard_name(s)
         ids = json.loads((shard_dir / f"{name}.ids.json").read_text())
-        yield ids, np.load(shard_dir / f"{name}.npy", mmap_mode="r")
+        emb = np.load(shard_dir / f"{name}.npy", mmap_mode="r")
+        if emb.ndim != 2 or emb.shape[0] != len(ids):
+            raise ValueError(
+                f"{shard_dir}/{name}.npy holds {list(emb.shape)} embeddings for {len(ids)} ids; rerun "
+                "`imprag index build` (it recomputes such a shard)"
+            )
+        yield ids, emb
 
 
 def train_sample(shard_dir: Path, done: dict[int, dict], n: int, seed: int) -> np.ndarray:

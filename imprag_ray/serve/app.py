@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from imprag_ray.config.loader import check_paths, load_config, to_dict
-from imprag_ray.config.serve_schema import DeploymentSection, ServeJobConfig
+from imprag_ray.config.serve_schema import DeploymentSection, LoggingSection, ServeJobConfig
 
-QUIET = {"enable_access_log": False}  # heartbeats and requests would flood the logs
 CONTROL_OPTIONS = {
     "num_replicas": 1,
     "ray_actor_options": {"num_cpus": 0.01},
     "max_ongoing_requests": 1000,
-    "logging_config": QUIET,
 }
 
 
@@ -45,8 +43,27 @@ def absolute_paths(cfg: ServeJobConfig) -> ServeJobConfig:
     return replace(cfg, checkpoint=fix(cfg.checkpoint), index=fix(cfg.index), corpus=fix(cfg.corpus))
 
 
-def deployment_options(section: DeploymentSection) -> dict[str, Any]:
-    """``serve.deployment(...).options`` of one stage from its config section."""
+def logging_config(section: LoggingSection, access_log: bool | None = None) -> dict[str, Any]:
+    """Serve's ``logging_config`` from the ``logging`` section (``access_log`` overrides it)."""
+    return {
+        "encoding": section.encoding,
+        "enable_access_log": section.access_log if access_log is None else access_log,
+    }
+
+
+def http_options(cfg: ServeJobConfig) -> dict[str, Any]:
+    """``serve.start(http_options=...)`` from the ``http`` section."""
+    return {
+        "host": cfg.http.host,
+        "port": cfg.http.port,
+        "request_timeout_s": cfg.http.request_timeout_s,
+        "keep_alive_timeout_s": cfg.http.keep_alive_timeout_s,
+    }
+
+
+def deployment_options(section: DeploymentSection, logging: LoggingSection | None = None) -> dict[str, Any]:
+    """``serve.deployment(...).options`` of one stage from its config section (and the
+    job's ``logging`` section)."""
     a, r = section.autoscaling_config, section.ray_actor_options
     autoscaling = {
         "min_replicas": a.min_replicas,
@@ -67,7 +84,8 @@ def deployment_options(section: DeploymentSection) -> dict[str, Any]:
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": section.max_ongoing_requests,
-        "logging_config": QUIET,
+        "max_queued_requests": section.queue_limit,
+        "logging_config": logging_config(logging or LoggingSection()),
     }
     if a.min_replicas == a.max_replicas:
         options["num_replicas"] = a.min_replicas  # fixed size: no autoscaler
@@ -76,8 +94,14 @@ def deployment_options(section: DeploymentSection) -> dict[str, Any]:
     return options
 
 
-def build_application(cfg: ServeJobConfig):
-    """The bound Serve application (ingress -> retrieval, generation; control)."""
+def build_application(
+    cfg: ServeJobConfig, *, retrieval_cls: type | None = None, generation_cls: type | None = None
+):
+    """The bound Serve application (ingress -> retrieval, generation; control).
+
+    ``retrieval_cls`` / ``generation_cls`` replace the stage classes (constructed with
+    ``(cfg_dict, control)``), for tests that need a stage that hangs or fails on demand.
+    """
     from ray import serve
 
     from imprag_ray.serve.control import Control
@@ -87,21 +111,22 @@ def build_application(cfg: ServeJobConfig):
     cfg = absolute_paths(cfg)
     data = to_dict(cfg)
     d = cfg.deployments
-    control = serve.deployment(Control, name="Control").options(**CONTROL_OPTIONS).bind(data)
+    # Control never gets access logs: every replica's heartbeats would flood them.
+    control_options = {**CONTROL_OPTIONS, "logging_config": logging_config(cfg.logging, access_log=False)}
+    control = serve.deployment(Control, name="Control").options(**control_options).bind(data)
     retrieval = (
-        serve.deployment(RetrievalStage, name="RetrievalStage")
-        .options(**deployment_options(d.retrieval))
+        serve.deployment(retrieval_cls or RetrievalStage, name="RetrievalStage")
+        .options(**deployment_options(d.retrieval, cfg.logging))
         .bind(data, control)
     )
     generation = (
-        serve.deployment(GenerationStage, name="GenerationStage")
-        .options(**deployment_options(d.generation))
+        serve.deployment(generation_cls or GenerationStage, name="GenerationStage")
+        .options(**deployment_options(d.generation, cfg.logging))
         .bind(data, control)
     )
-    ingress_cls = make_ingress_class()
     return (
-        serve.deployment(ingress_cls, name="Ingress")
-        .options(**deployment_options(d.ingress))
+        serve.deployment(make_ingress_class(), name="Ingress")
+        .options(**deployment_options(d.ingress, cfg.logging))
         .bind(data, control, retrieval, generation)
     )
 
@@ -131,7 +156,7 @@ def run(cfg: ServeJobConfig, *, blocking: bool = True, address: str | None = Non
 
     if not ray.is_initialized():  # inside `ray job submit` / `imprag submit`, RAY_ADDRESS names the cluster
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
     echo(f"imprag serve: {cfg.app_name} ready at {url} (ray address {ray.get_runtime_context().gcs_address})")

@@ -6,12 +6,17 @@
 
 ``--address``: the Ray cluster (``auto``, ``HOST:PORT``); ``imprag serve`` without it
 starts a local Ray instance in this process and prints its address for ``reload``.
+
+``reload`` prints the swap record and exits 0; when the swap fails (a replica cannot load
+the new version, or a step times out) it prints Control's error on one line and exits 1,
+as soon as a replica reports the failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ACTIONS = ("reload", "status")
@@ -63,9 +68,30 @@ def _reload(args) -> int:
             raise FileNotFoundError(f"{flag}: directory not found: {path.resolve()}")
     from imprag_ray.serve.app import reload
 
-    record = reload(str(args.checkpoint), str(args.index), app_name=args.app_name, address=args.address)
+    try:
+        record = reload(str(args.checkpoint), str(args.index), app_name=args.app_name, address=args.address)
+    except Exception as err:
+        cause = _cause(err)
+        # A version Control refuses (index of another checkpoint, model mismatch) is a user
+        # mistake: exit 2 as main does; a swap that failed in the replicas exits 1.
+        mistake = isinstance(cause, (ValueError, FileNotFoundError))
+        what = "error" if mistake else "failed"
+        print(f"imprag serve reload: {what}: {_one_line(cause)}", file=sys.stderr)
+        return 2 if mistake else 1
     print(json.dumps(record, indent=2))
     return 0
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The exception raised in Control: a Serve handle call wraps it in RayTaskError, whose
+    ``cause`` is the original."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _status(args) -> int:

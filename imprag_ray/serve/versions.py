@@ -62,7 +62,7 @@ def make_version(checkpoint: str, index: str, expect: ModelExpectation | None = 
     return Version(str(ckpt), str(idx), digest)
 
 
-def check_expectation(checkpoint: Path, expect: ModelExpectation | None) -> dict:
+def check_expectation(checkpoint: str | Path, expect: ModelExpectation | None) -> dict:
     """Compare ``imprag_config.json`` with the config's ``model`` section; returns it."""
     from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
 

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -438,22 +439,66 @@ class ImpRAGRecipe:
         with atomic_dir(out_dir, overwrite=True) as tmp:
             self.model.write_files(tmp, dtype=torch.bfloat16 if self.bf16 else None)
             self.tokenizer.save_pretrained(tmp)
-            torch.save({
-                "epoch": self.epoch, "step": self.step,
+            # Plain data only (tensors, numbers, strings, lists, tuples, dicts; the RNG state
+            # is a uint8 tensor): loadable with torch.load(weights_only=True) in _load_state.
+            state = {
+                "epoch": int(self.epoch), "step": int(self.step),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-            }, tmp / STATE_NAME)
+            }
+            _check_plain(state, STATE_NAME)
+            torch.save(state, tmp / STATE_NAME)
             (tmp / "job_config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         return out_dir
 
     def _load_state(self, ckpt: Path) -> None:
         """Optimizer/scheduler/RNG state of ``ckpt``. Read onto the CPU; the optimizer then
         puts each state tensor on its parameter's device (the model is already there)."""
-        state = torch.load(ckpt / STATE_NAME, weights_only=False, map_location="cpu")
+        path = ckpt / STATE_NAME
+        # weights_only=True: the file may come from object storage or another user, and a
+        # full unpickle runs whatever callable the file names. Only tensors and plain data
+        # load; anything else is refused.
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as err:
+            # torch's own message suggests weights_only=False: quote only what it refused
+            what = [line for line in str(err).splitlines() if "GLOBAL" in line or "nsupported" in line]
+            raise ValueError(
+                f"{path}: refusing to load the trainer state: it holds objects other than tensors, "
+                "numbers, strings, lists and dicts (a tampered file, or one written by another "
+                "program). Resume from a checkpoint written by `imprag train`, or start without "
+                f"resuming. ({(what[0] if what else 'not a weights-only file')[:300].strip()})"
+            ) from None
+        keys = ("epoch", "step", "optimizer", "scheduler", "torch_rng")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise ValueError(f"{path}: not a trainer state (no {', '.join(missing)}); resume from a "
+                             "checkpoint written by `imprag train`")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.step = state["epoch"], state["step"]
+
+
+_PLAIN = (Tensor, int, float, bool, str, bytes, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """Raise TypeError naming the first value in ``obj`` that ``torch.load(weights_only=True)``
+    would refuse, so an unloadable state file is never written (the writer's bug shows at
+    save time, not at the resume a day later)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; the trainer state must hold "
+            "only tensors, numbers, strings, lists, tuples and dicts (convert it before saving)"
+        )
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

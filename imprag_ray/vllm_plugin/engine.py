@@ -1,10 +1,12 @@
 """``VLLMEngine``: the :class:`~imprag_ray.engine.GenerationEngine` on vLLM (AsyncLLM).
 
 One ``AsyncLLM`` runs on a private event-loop thread; ``generate`` and ``stream`` may
-be called from any number of threads at once and all their requests meet in vLLM's
-continuous batching. Requests are laid out as in :mod:`imprag_ray.vllm_plugin.layout`
-and run by the out-of-tree ``ImpRAGLlamaForCausalLM``; greedy tokens equal the torch
-reference engine's in fp32. ``reload`` swaps weights in the running engine.
+be called from any number of threads at once, ``agenerate`` and ``astream`` from any
+event loop (tokens reach the caller's loop through ``call_soon_threadsafe``, no thread per
+request), and all their requests meet in vLLM's continuous batching. Cancelling a call
+(or closing its stream) aborts its request in vLLM. Requests are laid out as in
+:mod:`imprag_ray.vllm_plugin.layout` and run by the out-of-tree
+``ImpRAGLlamaForCausalLM``; greedy tokens equal the torch reference engine's in fp32. ``reload`` swaps weights in the running engine.
 
 Sizes the engine from the job, not from the checkpoint's context length (131072 for
 Llama-3.x, whose KV cache alone would need GiBs per sequence):
@@ -26,12 +28,13 @@ are marked in the token ids themselves (:mod:`.layout`), so no pad token id is n
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import queue
 import threading
-import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,9 +43,11 @@ from imprag_ray.engine.base import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    RequestAbortedError,
     Sampling,
     checkpoint_stop_ids,
     cut_at_stop,
+    engine_request_id,
 )
 from imprag_ray.model.checkpoint import checkpoint_hash
 from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
@@ -51,7 +56,6 @@ from imprag_ray.vllm_plugin.layout import encode_request, region_length
 
 T = TypeVar("T")
 GiB = 1 << 30
-_DONE = object()
 # Request budget when the caller gives none (the Serve app's default limits).
 DEFAULT_MAX_PROMPT_TOKENS = 512
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -70,6 +74,32 @@ _SHAPE_KEYS = (
     "vocab_size",
     "tie_word_embeddings",
 )
+
+
+# What a request hands its caller: ("tokens", list[int]) while streaming, then exactly one
+# of ("done", GenerationResult) or ("error", EngineError).
+Item = tuple[str, Any]
+
+
+class _Live:
+    """A request between submission and its end: its engine id (also vLLM's request id),
+    where its output goes, and its producer task on the engine loop."""
+
+    def __init__(self, rid: str, deliver: Callable[[Item], None]):
+        self.id = rid
+        self.deliver = deliver
+        self.future: concurrent.futures.Future | None = None
+        self.aborted = False
+        self.ended = False  # its final item was delivered (set under the engine's live lock)
+
+
+def _loop_deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> Callable[[Item], None]:
+    """Deliver into ``out`` from the engine's loop thread, in the caller's ``loop``."""
+
+    def deliver(item: Item) -> None:
+        loop.call_soon_threadsafe(out.put_nowait, item)
+
+    return deliver
 
 
 def _read_json(path: Path) -> dict:
@@ -267,6 +297,9 @@ class VLLMEngine(GenerationEngine):
         self._thread.start()
         self._reload_lock = threading.Lock()
         self._closed = False
+        self._accepting = True  # False from the start of close(): new requests are refused
+        self._live_lock = threading.Lock()
+        self._live: dict[str, _Live] = {}  # submitted and not yet ended, by engine id
         # Summed over finished requests (updated on the loop thread only): prompt tokens
         # served from the prefix cache; preemptions (only with disable_log_stats=False).
         self.cached_prompt_tokens = 0
@@ -357,63 +390,157 @@ class VLLMEngine(GenerationEngine):
         one was generated."""
         return cut_at_stop(tokens, self._stops)
 
-    async def _generate_one(self, prompt: dict, params, request_id: str) -> GenerationResult:
+    # Every entry point runs a request as one producer task on the engine's loop
+    # (:meth:`_produce`), which hands tokens and the result to the caller through
+    # ``deliver`` (an asyncio queue of the caller's loop, or a thread-safe queue).
+    # Cancelling the producer is the one way to abort: AsyncLLM.generate aborts the
+    # request in vLLM when its consumer is cancelled.
+    def _submit(self, request: GenerationRequest, deliver: Callable[[Item], None], *, stream: bool) -> _Live:
+        prompt, params = self._prepare(request, delta=stream)  # bad input raises here, for this request only
+        with self._live_lock:
+            if not self._accepting:
+                raise EngineError("the engine is closed")
+            live = _Live(engine_request_id(request.request_id, self._live), deliver)
+            self._live[live.id] = live
+        future = asyncio.run_coroutine_threadsafe(
+            self._produce(live, request, prompt, params, stream), self._loop
+        )
+        # Cancelling the future ends the request for its caller at once (running() drops it;
+        # vLLM's abort follows on the loop), also when its task never ran _produce.
+        future.add_done_callback(lambda f: self._end(live, ("error", self._aborted(live))))
+        with self._live_lock:
+            live.future = future
+            aborted = live.aborted
+        if aborted:  # abort(id) came before the producer was scheduled
+            future.cancel()
+        return live
+
+    def _aborted(self, live: _Live) -> RequestAbortedError:
+        why = "the engine was closed" if not self._accepting else "was aborted"
+        return RequestAbortedError(f"request {live.id} {why}")
+
+    def _end(self, live: _Live, item: Item) -> None:
+        """Forget the request (gone from running() before its caller hears the end) and
+        hand the caller its final item, once."""
+        with self._live_lock:
+            if live.ended:
+                return
+            live.ended = True
+            self._live.pop(live.id, None)
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+            live.deliver(item)
+
+    async def _produce(self, live: _Live, request: GenerationRequest, prompt: dict, params, stream: bool):
         tokens: list[int] = []
-        async for out in self._llm.generate(prompt, params, f"imprag-{uuid.uuid4().hex}"):
-            tokens.extend(out.outputs[0].token_ids)
-            self._account(out)
-        row, stopped = self._strip(tokens)
-        return GenerationResult(row, "stop" if stopped else "length", request_id)
+        stopped = False
+        item: Item = ("error", EngineError(f"request {live.id}: generation ended without a result"))
+        try:
+            async for out in self._llm.generate(prompt, params, live.id):
+                self._account(out)
+                if stopped:
+                    continue
+                row, stopped = self._strip(out.outputs[0].token_ids)  # the full output or a delta
+                tokens.extend(row)
+                if stream and row:
+                    live.deliver(("tokens", row))
+            result = GenerationResult(tokens, "stop" if stopped else "length", request.request_id or live.id)
+            item = ("done", result)
+        except asyncio.CancelledError:
+            item = ("error", self._aborted(live))
+            raise
+        except Exception as e:
+            item = ("error", EngineError(f"request {live.id}: generation failed: {e!r}"))
+        finally:
+            self._end(live, item)
 
-    async def _generate_all(self, prepared: list, requests: Sequence[GenerationRequest]):
-        jobs = [
-            self._generate_one(p, sp, r.request_id) for (p, sp), r in zip(prepared, requests, strict=True)
-        ]
-        return list(await asyncio.gather(*jobs))
+    def abort(self, request_id: str) -> None:
+        with self._live_lock:
+            live = self._live.get(request_id)
+        if live is not None:
+            self._cancel(live)
 
+    def running(self) -> list[str]:
+        with self._live_lock:
+            return list(self._live)
+
+    def _cancel(self, live: _Live) -> None:
+        with self._live_lock:
+            live.aborted = True
+            future = live.future
+        if future is not None:
+            future.cancel()  # cancels the producer task on the engine loop
+
+    # -------------------------------------------------------------- synchronous API
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        prepared = [self._prepare(r, delta=False) for r in requests]  # refuse bad input first
-        return self._call(self._generate_all(prepared, requests))
+        for r in requests:  # refuse bad input before anything runs
+            self._prepare(r, delta=False)
+        outs: list[queue.Queue] = [queue.Queue() for _ in requests]
+        lives: list[_Live] = []
+        results = []
+        try:
+            lives.extend(self._submit(r, q.put, stream=False) for r, q in zip(requests, outs, strict=True))
+            for q in outs:
+                kind, payload = q.get()
+                if kind == "error":
+                    raise payload
+                results.append(payload)
+        finally:
+            if len(results) < len(requests):  # after an error: the others stop too
+                for live in lives:
+                    self._cancel(live)
+        return results
 
     def stream(self, request: GenerationRequest) -> Iterator[list[int]]:
-        prompt, params = self._prepare(request, delta=True)  # errors raise here, not mid-stream
-        chunks: queue.Queue = queue.Queue()
-        request_id = f"imprag-{uuid.uuid4().hex}"
+        out: queue.Queue = queue.Queue()
+        live = self._submit(request, out.put, stream=True)  # errors raise here, not mid-stream
+        return self._consume(live, out)
 
-        async def produce() -> None:
-            try:
-                async for out in self._llm.generate(prompt, params, request_id):
-                    chunks.put(list(out.outputs[0].token_ids))
-                    self._account(out)
-                chunks.put(_DONE)
-            except BaseException as e:  # surfaced to the consumer
-                chunks.put(e)
-
-        if self._closed:
-            raise EngineError("the engine is closed")
-        task = asyncio.run_coroutine_threadsafe(produce(), self._loop)
-        return self._consume(chunks, task)
-
-    def _consume(self, chunks: queue.Queue, task) -> Iterator[list[int]]:
+    def _consume(self, live: _Live, out: queue.Queue) -> Iterator[list[int]]:
         finished = False
         try:
             while True:
-                item = chunks.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise EngineError(f"generation failed: {item!r}") from item
-                row, stopped = self._strip(item)
-                if row:
-                    yield row
-                if stopped:
-                    finished = True
-                    return
+                kind, payload = out.get()
+                if kind == "tokens":
+                    yield payload
+                    continue
+                finished = True
+                if kind == "error":
+                    raise payload
+                return
         finally:
             if not finished:
-                task.cancel()  # the consumer went away: abort the request in vLLM
+                self._cancel(live)  # the consumer went away: abort the request in vLLM
+
+    # -------------------------------------------------------------- asyncio API
+    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
+        out: asyncio.Queue = asyncio.Queue()
+        live = self._submit(request, _loop_deliver(asyncio.get_running_loop(), out), stream=False)
+        try:
+            kind, payload = await out.get()
+        except BaseException:  # cancelled while waiting
+            self._cancel(live)
+            raise
+        if kind == "error":
+            raise payload
+        return payload
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        out: asyncio.Queue = asyncio.Queue()
+        live = self._submit(request, _loop_deliver(asyncio.get_running_loop(), out), stream=True)
+        finished = False
+        try:
+            while True:
+                kind, payload = await out.get()
+                if kind == "tokens":
+                    yield payload
+                    continue
+                finished = True
+                if kind == "error":
+                    raise payload
+                return
+        finally:
+            if not finished:  # aclose(), garbage collection or cancellation
+                self._cancel(live)
 
     # ------------------------------------------------------------------ weights
     def reload(self, checkpoint_dir: str) -> str:
@@ -460,10 +587,25 @@ class VLLMEngine(GenerationEngine):
             await self._llm.resume_generation()
 
     # ---------------------------------------------------------------- shutdown
+    def check_health(self) -> None:
+        if self._closed:
+            raise EngineError("vLLM engine: closed")
+        if not self._thread.is_alive() or self._loop.is_closed():
+            raise EngineError("vLLM engine: its event-loop thread is dead")
+        errored = getattr(self._llm, "errored", False)  # AsyncLLM: its engine core died
+        if errored:
+            raise EngineError("vLLM engine: the engine core died (AsyncLLM.errored)")
+
     def close(self) -> None:
-        """Shut the vLLM engine processes down and stop the loop thread (idempotent)."""
+        """Fail the requests still running (RequestAbortedError), shut the vLLM engine
+        processes down and stop the loop thread (idempotent)."""
         if self._closed:
             return
+        with self._live_lock:
+            self._accepting = False
+            futures = [f for f in (live.future for live in self._live.values()) if f is not None]
+        for f in futures:  # each caller hears RequestAbortedError now (the future's done callback)
+            f.cancel()
         try:
             llm = getattr(self, "_llm", None)
             if llm is not None:

@@ -315,3 +315,18 @@ def test_gpu_memory_figures_are_estimates_not_unmeasured_measurements(path):
     if path.name in PAPER_JOBS:
         text = "\n".join(lines)
         assert "ESTIMATE" in text and "not measured" in text and GIB_FIGURE.search(text)
+
+
+def test_rayservice_http_options_are_the_serve_jobs():
+    """Under KubeRay the proxy takes serveConfigV2's http_options, not the job's http section:
+    the timeouts must be the job's, so a slow stage's 504 JSON comes before the proxy's limit."""
+    from imprag_ray.serve.app import load_serve_config
+
+    service = yaml.safe_load((ROOT / "clusters/kuberay/rayservice-llama3-3b.yaml").read_text())
+    options = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    cfg = load_serve_config(ROOT / app["args"]["config"], check=False)
+    assert options["port"] == cfg.http.port
+    assert options["request_timeout_s"] == cfg.http.request_timeout_s
+    assert options["keep_alive_timeout_s"] == cfg.http.keep_alive_timeout_s
+    assert options["request_timeout_s"] > cfg.timeouts.retrieval_s + cfg.timeouts.generation_s

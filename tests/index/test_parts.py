@@ -90,3 +90,43 @@ def test_parts_refuse_another_checkpoint(tmp_path):
     save_parts([_build(ids[:100], emb[:100], "Flat"), _build(ids[100:], emb[100:], "Flat")], tmp_path / "p")
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
         load_index(tmp_path / "p", checkpoint_hash="b" * 64)
+
+
+@pytest.mark.parametrize(
+    ("target", "change", "match"),
+    [
+        ("manifest.json", {"count": 150}, r"manifest count=150 but its 2 parts hold 200 passages"),
+        ("manifest.json", {"dim": 32}, r"manifest dim=32 but part part-000 has dim=16"),
+        ("manifest.json", {"version": 7}, r"manifest version 7 is not one"),
+        ("manifest.json", {"corpus_fingerprint": "d" * 64}, r"corpus_fingerprint='dddd.*part part-000"),
+        ("part-001/manifest.json", {"count": 99}, r"count=99 but index\.faiss holds 100 vectors"),
+        ("part-001/manifest.json", {"dim": 8}, r"dim=8 but index\.faiss holds vectors of d=16"),
+    ],
+    ids=["top-count", "top-dim", "top-version", "top-corpus", "part-count", "part-dim"],
+)
+def test_parts_refuse_a_manifest_that_does_not_describe_them(tmp_path, target, change, match):
+    import json
+
+    from imprag_ray.index.store import IndexManifestError
+
+    emb, ids = _clustered(n=200)
+    save_parts([_build(ids[:100], emb[:100], "Flat"), _build(ids[100:], emb[100:], "Flat")], tmp_path / "p")
+    path = tmp_path / "p" / target
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(IndexManifestError, match=match):
+        load_index(tmp_path / "p", checkpoint_hash="a" * 64)
+
+
+def test_save_parts_refuses_parts_of_different_corpora(tmp_path):
+    emb, ids = _clustered(n=200)
+    a = _build(ids[:100], emb[:100], "Flat")
+    b = PassageIndex.build(
+        [(ids[100:], emb[100:])],
+        dim=DIM,
+        index_type="Flat",
+        train_sample=None,
+        manifest_fields={**FIELDS, "corpus_fingerprint": "e" * 64},
+    )
+    with pytest.raises(ValueError, match="differ in corpus_fingerprint"):
+        save_parts([a, b], tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,6 +68,31 @@ def test_checkpoint_hash_follows_the_weights(tmp_path):
     assert checkpoint_hash(tmp_path / "changed") != first
     with pytest.raises(FileNotFoundError, match="no model weights"):
         checkpoint_hash(tmp_path)
+
+
+def test_checkpoint_hash_covers_the_tokenizer_and_generation_config(tmp_path):
+    import json
+    import shutil
+
+    path = _init(tmp_path)
+    first = checkpoint_hash(path)
+    copy = Path(shutil.copytree(path, tmp_path / "copy"))
+    assert checkpoint_hash(copy) == first  # contents, not paths or mtimes
+    changed = []
+    tok_config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**tok_config, "pad_token": "</s>"}))
+    changed.append(checkpoint_hash(copy))
+    vocab = json.loads((copy / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["Caselva"] = len(vocab["model"]["vocab"])  # one more token
+    (copy / "tokenizer.json").write_text(json.dumps(vocab))
+    changed.append(checkpoint_hash(copy))
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    changed.append(checkpoint_hash(copy))
+    (copy / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    changed.append(checkpoint_hash(copy))
+    assert len({first, *changed}) == 5  # every change gives a new hash
+    (copy / "README.md").write_text("notes")  # files that change nothing computed are not hashed
+    assert checkpoint_hash(copy) == changed[-1]
 
 
 def test_paper_presets_have_the_paper_layer_split():

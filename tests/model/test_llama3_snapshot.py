@@ -17,8 +17,11 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    return build_snapshot(tmp_path_factory.mktemp("llama3") / "snap", TEXTS)
+def snapshot(tmp_path_factory, tiny_world):
+    """The session's micro instruct snapshot (built once, shared with the engine tests)."""
+    from tests.engine.llama3_imprag import snapshot as shared_snapshot
+
+    return shared_snapshot(tmp_path_factory, tiny_world["world"] / "corpus.jsonl", instruct=True)
 
 
 def test_snapshot_has_the_properties_of_a_real_one(snapshot):
@@ -58,7 +61,7 @@ def test_chat_prompt_wraps_the_text_in_the_template_and_truncates_only_the_text(
     assert len(ids) == 64
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
     assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert TEXTS[19] in text  # the end of the text is kept
+    assert TEXTS[19][-40:] + "<|eot_id|>" in text  # the end of the text is kept
     plain = encode_prompt_text(tok, "Q: who A:", 64)
     assert plain[0] == tok.bos_token_id and tok.convert_tokens_to_ids("<|start_header_id|>") not in plain
 

@@ -19,7 +19,14 @@ from imprag_ray.index.store import IndexMismatchError, PassageIndex, corpus_fing
 from imprag_ray.model.bottom import BottomModel
 from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
 from imprag_ray.model.imprag import ImpRAGModel
-from imprag_ray.pipelines.encode import build_faiss, build_index, finished_shards, iter_shards, load_index
+from imprag_ray.pipelines.encode import (
+    build_faiss,
+    build_index,
+    finished_shards,
+    iter_shards,
+    load_index,
+    verify_finished,
+)
 
 
 def _cfg(world, tmp: Path, *overrides: str) -> TrainJobConfig:
@@ -145,6 +152,84 @@ def test_interrupted_build_resumes_only_the_missing_shard(built, reference):
     assert after.search(queries, 10)[0] == before.search(queries, 10)[0]
 
 
+def test_resume_recomputes_a_truncated_shard_and_one_of_other_ids(built):
+    """A done marker is not proof: a truncated shard and a shard whose ids are not its
+    corpus rows are recomputed on resume (with a line saying why), the rest is reused."""
+    cfg, report = built["cfg"], built["report"]
+    shard_dir = Path(report["shard_dir"])
+    before = load_index(report["out_dir"], checkpoint_hash=report["checkpoint_hash"])
+    npy = shard_dir / "shard-00001.npy"
+    npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])  # a write cut short
+    ids_file = shard_dir / "shard-00002.ids.json"
+    ids = json.loads(ids_file.read_text())
+    ids_file.write_text(json.dumps(ids[1:] + ids[:1]))  # the right ids, in another order
+    untouched = (shard_dir / "shard-00000.npy").stat().st_mtime_ns
+    lines: list[str] = []
+    again = build_index(cfg, echo=lines.append)
+    assert again["shards_skipped"] == [0] and again["shards_written"] == [1, 2]
+    assert any(line.startswith("index: shard 1 is recomputed: shard-00001.npy") for line in lines), lines
+    assert any("shard 2 is recomputed: shard-00002.ids.json row 0" in line for line in lines), lines
+    assert (shard_dir / "shard-00000.npy").stat().st_mtime_ns == untouched
+    after = load_index(again["out_dir"], checkpoint_hash=report["checkpoint_hash"])
+    assert after.ids == before.ids
+    queries = np.random.default_rng(2).standard_normal((8, before.manifest.dim)).astype(np.float32)
+    np.testing.assert_allclose(after.search(queries, 10)[1], before.search(queries, 10)[1], rtol=1e-6)
+
+
+def _fake_shard(shard_dir: Path, s: int, ids: list[str], emb: np.ndarray, count: int | None = None) -> None:
+    name = f"shard-{s:05d}"
+    np.save(shard_dir / f"{name}.npy", emb)
+    (shard_dir / f"{name}.ids.json").write_text(json.dumps(ids))
+    (shard_dir / f"{name}.done.json").write_text(json.dumps({"shard": s, "count": count or len(ids)}))
+
+
+def test_verify_finished_names_why_each_bad_shard_is_recomputed(tmp_path):
+    """Ray-free: each way a finished shard can be wrong, and what is deleted."""
+    corpus = [f"p{i}" for i in range(10)]  # shard_size 3: shards 0..3, the last one of 1 row
+    good = np.zeros((3, 4), np.float32)
+    _fake_shard(tmp_path, 0, corpus[0:3], good)
+    _fake_shard(tmp_path, 1, corpus[3:6], np.zeros((3, 5), np.float32))  # another dim
+    _fake_shard(tmp_path, 2, corpus[6:9], good, count=2)  # marker disagrees
+    _fake_shard(tmp_path, 3, [*corpus[9:10], "p10"], np.zeros((2, 4), np.float32))  # corpus shrank
+    _fake_shard(tmp_path, 4, ["p12"], np.zeros((1, 4), np.float32))  # past the corpus's end
+    lines: list[str] = []
+    kept = verify_finished(tmp_path, finished_shards(tmp_path), iter(corpus), 3, 4, lines.append)
+    assert sorted(kept) == [0]
+    assert lines == [
+        "index: shard 1 is recomputed: shard-00001.npy holds float32 [3, 5], expected float32 [3, 4]",
+        "index: shard 2 is recomputed: its done marker counts 2 passages, the corpus has 3 rows for it",
+        "index: shard 3 is recomputed: its done marker counts 2 passages, the corpus has 1 rows for it",
+        "index: shard 4 is recomputed: it starts at row 12, but the corpus now has 10 rows",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-00000.done.json",
+        "shard-00000.ids.json",
+        "shard-00000.npy",
+    ]
+
+
+def test_shard_files_are_fsynced_before_the_done_marker(tmp_path, monkeypatch):
+    import os
+
+    from imprag_ray.pipelines.encode import _write_shard
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append(f"rename {Path(b).name}") or real_replace(a, b)
+    )
+    _write_shard(tmp_path, 7, ["a", "b"], np.ones((2, 4)), ["n1", "n1"])
+    names = [Path(e).name if not e.startswith("rename") else e for e in events]
+    npy, ids, done = (names.index(f"rename shard-00007.{x}") for x in ("npy", "ids.json", "done.json"))
+    assert names[npy - 1] == ".shard-00007.npy.tmp" and names[npy + 1] == tmp_path.name  # file, dir
+    assert names[ids + 1] == tmp_path.name and names[done + 1] == tmp_path.name
+    assert npy < ids < done  # the marker is renamed last, after the data is durable
+    assert np.load(tmp_path / "shard-00007.npy").shape == (2, 4)
+
+
 def test_resume_refuses_shards_of_another_checkpoint(built):
     state = Path(built["report"]["shard_dir"]) / "build.json"
     saved = state.read_text()
@@ -156,7 +241,9 @@ def test_resume_refuses_shards_of_another_checkpoint(built):
         state.write_text(saved)
 
 
-@pytest.mark.parametrize(("kind", "parts"), [("IVF4,PQ16x4", 1), ("HNSW16", 1), ("Flat", 2), ("IVF4,Flat", 3)])
+@pytest.mark.parametrize(
+    ("kind", "parts"), [("IVF4,PQ16x4", 1), ("HNSW16", 1), ("Flat", 2), ("IVF4,Flat", 3)]
+)
 def test_index_types_and_sharded_index_build_and_search(built, reference, tiny_world, kind, parts):
     out = built["tmp"] / f"index-{kind.replace(',', '_')}-{parts}"
     cfg = _cfg(

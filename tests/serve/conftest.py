@@ -3,10 +3,14 @@
 Tiny random checkpoint + its FAISS index built in-process, and a second version of the
 same architecture (+ its index) for the hot-swap test. Retrieval autoscales 1..2 with
 short delays; generation runs 2 fixed replicas so a killed one has a live peer.
+
+Ray starts with a known metrics export port (``serve_app["metrics_url"]``): Ray's per-node
+metrics agent serves the app's Prometheus metrics there (it runs without the dashboard).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +87,10 @@ def serve_app(serve_world) -> Iterator[dict[str, Any]]:
     import ray
     from ray import serve
 
-    from imprag_ray.bench.serve import free_port
+    from imprag_ray.bench.serve import free_port, wait_ready
     from imprag_ray.serve.app import build_application, load_serve_config
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     w = serve_world
     cfg = load_serve_config(
         ROOT / "jobs/serve_tiny_synth.yaml",
@@ -100,21 +104,39 @@ def serve_app(serve_world) -> Iterator[dict[str, Any]]:
     )
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
-    try:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
+    # The port of this node's metrics agent (another test's Ray may have been started first).
+    metrics_port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{port}"
+    try:  # a failed start tears down too: no Ray process outlives the tests
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
+        asyncio.run(wait_ready(url, timeout_s=180))  # every stage replica holds the version
         yield {
             **w,
-            "url": f"http://127.0.0.1:{port}",
+            "url": url,
             "cfg": cfg,
             "port": port,
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
             "gcs_address": ray.get_runtime_context().gcs_address,
         }
     finally:
         serve.shutdown()
         if own_ray:
             ray.shutdown()
+
+
+def control_status(app: str = "imprag") -> dict:
+    """``Control.status()`` of a running app."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Control", app_name=app).status.remote().result(timeout_s=30)
 
 
 @pytest.fixture()

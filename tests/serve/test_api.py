@@ -19,8 +19,8 @@ def reference(serve_app):
     return LocalReference(w["checkpoint"], w["index"], w["corpus"], serve_app["cfg"].limits.max_prompt_tokens)
 
 
-def test_healthz_reports_the_hash_each_stage_serves(client, serve_app):
-    body = client.get("/healthz").json()
+def test_status_reports_the_hash_each_stage_serves(client, serve_app):
+    body = client.get("/v1/status").json()
     assert body["status"] == "ok" and body["checkpoint_hash"] == serve_app["hash_a"]
     assert body["engine"] == "torch"
     assert len(body["replicas"]["retrieval"]) >= 1 and len(body["replicas"]["generation"]) == 2

@@ -25,6 +25,7 @@ from tests.serve.conftest import ROOT
         (["serve", "reload", "--index", "/tmp"], "needs --checkpoint DIR and --index DIR"),
         (["bench", "serve", "--url", "http://127.0.0.1:1", "--endpoint", "embeddings"], "--endpoint"),
         (["bench", "serve", "--url", "http://127.0.0.1:1", "--requests", "0"], "--requests"),
+        (["bench", "serve", "--url", "http://127.0.0.1:1", "--stream", "--endpoint", "retrieve"], "--stream"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, words, capsys, monkeypatch):

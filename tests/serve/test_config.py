@@ -131,7 +131,7 @@ def test_serve_config_file_builds_the_app(path, serve_world):
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from imprag_ray.serve.app import build_app
+    from imprag_ray.serve.app import build_app, http_options
 
     assert path.read_text().startswith("#")
     serve_cfg = yaml.safe_load(path.read_text())
@@ -140,7 +140,7 @@ def test_serve_config_file_builds_the_app(path, serve_world):
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("imprag_ray.serve.app", "build_app")
     cfg = load_config(ServeJobConfig, ROOT / app["args"]["config"])
-    assert serve_cfg["http_options"] == {"host": cfg.http.host, "port": cfg.http.port}
+    assert serve_cfg["http_options"] == http_options(cfg)  # the proxy as `imprag serve` starts it
     w = serve_world
     args = {
         **app["args"],
@@ -157,10 +157,14 @@ def test_deployment_options_are_accepted_by_serve():
     from imprag_ray.serve.app import deployment_options
 
     cfg = load_config(ServeJobConfig, ROOT / "jobs/serve_llama3_2_3b.yaml")
-    opts = deployment_options(cfg.deployments.generation)
+    opts = deployment_options(cfg.deployments.generation, cfg.logging)
     assert opts["autoscaling_config"]["min_replicas"] == 2 and opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["max_queued_requests"] == 256
+    assert opts["logging_config"] == {"encoding": "JSON", "enable_access_log": True}
     dep = serve.deployment(lambda: None, name="probe").options(**opts)  # Serve validates the options
     assert dep.ray_actor_options["num_gpus"] == 1
+    assert dep._deployment_config.max_queued_requests == 256
+    assert dep._deployment_config.logging_config["encoding"] == "JSON"
     fixed = load_config(
         ServeJobConfig,
         ROOT / "jobs/serve_tiny_synth.yaml",
@@ -168,6 +172,59 @@ def test_deployment_options_are_accepted_by_serve():
     )
     opts = deployment_options(fixed.deployments.generation)
     assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
+    # Unset: bounded at 4 x max_ongoing_requests; -1: Serve's unbounded queue.
+    default = load_config(
+        ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml", ["deployments.retrieval.max_ongoing_requests=5"]
+    )
+    assert deployment_options(default.deployments.retrieval)["max_queued_requests"] == 20
+    unbounded = load_config(
+        ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml", ["deployments.retrieval.max_queued_requests=-1"]
+    )
+    assert deployment_options(unbounded.deployments.retrieval)["max_queued_requests"] == -1
+
+
+def test_http_options_are_accepted_by_serve():
+    from ray.serve.config import HTTPOptions
+
+    from imprag_ray.serve.app import http_options
+
+    cfg = load_config(ServeJobConfig, ROOT / "jobs/serve_llama3_2_3b.yaml")
+    options = HTTPOptions(**http_options(cfg))  # what serve.start builds from the dict
+    assert (options.request_timeout_s, options.keep_alive_timeout_s) == (600, 90)
+    assert options.host == "0.0.0.0" and options.port == 8000
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["http.host=0.0.0.0"],
+        ["http.host=10.1.2.3"],
+        ["http.host=serve.example.com"],
+        ["http.host='::'"],
+    ],
+)
+def test_non_loopback_host_without_auth_is_refused(overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml", overrides)
+    err = info.value
+    assert err.key == "http.host", str(err)
+    assert "auth.api_key_env" in err.message and "auth.allow_unauthenticated: true" in err.message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["http.host=127.0.0.1"],
+        ["http.host=localhost"],
+        ["http.host='::1'"],
+        ["http.host=0.0.0.0", "auth.api_key_env=IMPRAG_API_KEY"],
+        ["http.host=0.0.0.0", "auth.api_key=k"],
+        ["http.host=0.0.0.0", "auth.allow_unauthenticated=true"],
+    ],
+)
+def test_loopback_or_authenticated_or_accepted_risk_loads(overrides):
+    cfg = load_config(ServeJobConfig, ROOT / "jobs/serve_tiny_synth.yaml", overrides)
+    assert cfg.http.host == overrides[0].split("=", 1)[1].strip("'")
 
 
 @pytest.mark.parametrize(
@@ -201,6 +258,24 @@ def test_deployment_options_are_accepted_by_serve():
         ("top_k=0", "top_k", "> 0"),
         ("auth={api_key: a, api_key_env: B}", "auth.api_key", "not both"),
         ("model.retrieval_layer=20", "model.retrieval_layer", "< reader_last_layer"),
+        ("http.request_timeout_s=0", "http.request_timeout_s", "> 0"),
+        ("http.request_timeout_s=.inf", "http.request_timeout_s", "finite"),
+        (
+            "http.request_timeout_s=100",
+            "http.request_timeout_s",
+            "timeouts.retrieval_s + timeouts.generation_s",
+        ),
+        ("http.keep_alive_timeout_s=0", "http.keep_alive_timeout_s", "> 0"),
+        ("http.keep_alive_timeout_s=1.5", "http.keep_alive_timeout_s", "int"),
+        ("timeouts.generation_s=0", "timeouts.generation_s", "> 0"),
+        ("timeouts.retrieval_s=-1", "timeouts.retrieval_s", "> 0"),
+        ("timeouts.control_s=.nan", "timeouts.control_s", "finite"),
+        ("timeouts.prefill_s=3", "timeouts.prefill_s", "unknown key"),
+        ("deployments.generation.max_queued_requests=0", "deployments.generation.max_queued_requests", "-1"),
+        ("deployments.ingress.max_queued_requests=-5", "deployments.ingress.max_queued_requests", "-1"),
+        ("logging.encoding=XML", "logging.encoding", "JSON"),
+        ("logging.access_log=maybe", "logging.access_log", "bool"),
+        ("auth.allow_unauthenticated=1", "auth.allow_unauthenticated", "bool"),
     ],
 )
 def test_bad_values_name_the_dotted_key(override, key, words):

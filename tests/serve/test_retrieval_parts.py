@@ -91,3 +91,17 @@ def test_search_nprobe_overrides_the_manifest_on_every_part(serve_world, corpus,
     requests = _requests(w["checkpoint"])
     ids = lambda results: [[p["id"] for p in r["passages"]] for r in results]  # noqa: E731
     assert ids(search_passages(every_list, corpus, requests)) == ids(search_passages(exact, corpus, requests))
+
+
+def test_a_corpus_other_than_the_indexed_one_is_refused(serve_world, corpus, tmp_path):
+    """The same passages with one text edited: every id still resolves, but the index was
+    built from other texts, so the replica refuses to load (naming ``corpus``)."""
+    from imprag_ray.index.store import CorpusMismatchError
+
+    w = serve_world
+    lines = w["corpus"].read_text().splitlines(keepends=True)
+    edited = tmp_path / "corpus.jsonl"
+    edited.write_text("".join(lines[:-1]) + lines[-1].replace('"text": "', '"text": "Edited. ', 1))
+    cfg = _cfg({**w, "corpus": edited})
+    with pytest.raises(CorpusMismatchError, match=r"^corpus .* is not the corpus the index"):
+        load_retrieval_state(cfg, make_version(w["checkpoint"], w["index"]), corpus)

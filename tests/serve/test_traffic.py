@@ -105,10 +105,12 @@ def test_load_has_zero_errors_and_retrieval_scales_1_to_2_and_back(serve_app, tm
     print(f"autoscaling: back to 1 retrieval replica {time.time() - t_idle:.1f} s after the load stopped")
 
 
-def httpx_get_health(serve_app) -> dict:
+def httpx_get_status(serve_app) -> dict:
+    """The ingress's detailed status (``/v1/status``, behind the API key)."""
     import httpx
 
-    return httpx.get(serve_app["url"] + "/healthz", timeout=30).json()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.get(serve_app["url"] + "/v1/status", headers=headers, timeout=30).json()
 
 
 async def _stream_until(url: str, stop: threading.Event, out: list) -> None:
@@ -206,7 +208,7 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
         return replica_counts().get("GenerationStage") == 2 and victim not in live and len(live) == 2
 
     wait_for(restored, 120, interval=1.0, what="Serve to restore the killed generation replica")
-    counts = httpx_get_health(serve_app)["ingress"]["counts"]
+    counts = httpx_get_status(serve_app)["ingress"]["counts"]
     print(f"fault: ingress retries {counts}")
     # How many generation calls died with the replica and were retried elsewhere depends on
     # what the victim held at that instant (seen 0..3); the client-visible count is 0 above.
@@ -307,7 +309,7 @@ def test_hot_swap_under_load_fails_no_request_and_then_serves_the_new_checkpoint
         assert differs > 0  # the two versions really answer differently
 
         def dropped_old() -> bool:
-            replicas = client.get("/healthz").json()["replicas"]
+            replicas = client.get("/v1/status").json()["replicas"]
             return all(r["held"] == [w["hash_b"]] for stage in replicas.values() for r in stage)
 
         wait_for(dropped_old, 60, what="replicas to drop the old version")
@@ -353,4 +355,5 @@ def test_restarted_control_and_stage_replicas_resume_the_swapped_in_version(serv
                 "/v1/completions", json={"model": MODEL, "prompt": prompt_for(i), "max_tokens": 4}
             )
             assert body.status_code == 200 and body.json()["checkpoint_hash"] == w["hash_b"]
-        assert client.get("/healthz").json()["checkpoint_hash"] == w["hash_b"]
+        assert client.get("/v1/status").json()["checkpoint_hash"] == w["hash_b"]
+        assert client.get("/readyz").status_code == 200

@@ -19,18 +19,11 @@ from tests.world import job_dict
 @pytest.fixture(scope="module")
 def llama3_job(tiny_world, tmp_path_factory):
     """A job over the tiny world on a micro Llama-3.2 instruct snapshot (b=7, t=19)."""
-    from imprag_ray.data.readers import iter_corpus
-    from imprag_ray.data.templates import format_passage
-    from tests.llama3_micro import build_snapshot
+    from tests.engine.llama3_imprag import snapshot
 
     tmp = tmp_path_factory.mktemp("llama3")
-    texts = [format_passage(p) for p in iter_corpus(tiny_world["world"] / "corpus.jsonl")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 28 layers of tiny matmuls: 2 threads on a shared 2-core box crawl
-    try:
-        snap = build_snapshot(tmp / "snapshot", texts, instruct=True)
-    finally:
-        torch.set_num_threads(threads)
+    # the session's micro instruct snapshot of the tiny world (built once, shared)
+    snap = snapshot(tmp_path_factory, tiny_world["world"] / "corpus.jsonl", instruct=True)
     d = job_dict(tmp, tiny_world["world"], snap, steps_per_epoch=1, batch_size=4)
     d["model"].update(retrieval_layer=B, reader_last_layer=T, max_passage_tokens=48, num_passages=3)
     d["data"]["chat_template"] = True

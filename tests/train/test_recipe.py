@@ -63,8 +63,9 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_world, tmp_path):
     ckpt = latest_checkpoint(tmp_path / "b" / "run")
     assert ckpt is not None and (ckpt / STATE_NAME).exists() and ckpt.name == "epoch-001"
     train_local(part, resume=True, echo=None)
-    a = torch.load(tmp_path / "a/run/checkpoints/epoch-002/" / STATE_NAME, weights_only=False)
-    b = torch.load(tmp_path / "b/run/checkpoints/epoch-002/" / STATE_NAME, weights_only=False)
+    # the state files hold plain data only: they load without unpickling arbitrary objects
+    a = torch.load(tmp_path / "a/run/checkpoints/epoch-002/" / STATE_NAME, weights_only=True)
+    b = torch.load(tmp_path / "b/run/checkpoints/epoch-002/" / STATE_NAME, weights_only=True)
     assert a["step"] == b["step"] == 6
     from safetensors.torch import load_file
 
@@ -74,6 +75,42 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_world, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("resumed_from", "") and r["resumed_from"].endswith("epoch-001") for r in rows)
     assert not list((tmp_path / "b/run/checkpoints").glob(".*tmp*"))
+
+
+class _Callable:
+    """Pickles as a call of os.system: what a tampered state file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_trainer_state_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    state = {"epoch": 1, "step": 3, "optimizer": {}, "scheduler": {}, "torch_rng": _Callable(marker)}
+    torch.save(state, tmp_path / STATE_NAME)
+    recipe = ImpRAGRecipe.__new__(ImpRAGRecipe)  # _load_state reads the file before any state
+    with pytest.raises(ValueError, match=r"refusing to load the trainer state.*posix\.system") as err:
+        recipe._load_state(tmp_path)
+    assert "weights_only=False" not in str(err.value)  # no advice to disable the check
+    assert not marker.exists()
+    torch.save({"epoch": 1}, tmp_path / STATE_NAME)
+    with pytest.raises(ValueError, match=r"not a trainer state \(no step, optimizer, scheduler, torch_rng\)"):
+        recipe._load_state(tmp_path)
+
+
+def test_save_refuses_state_that_would_not_load_weights_only():
+    from imprag_ray.train.recipe import _check_plain
+
+    _check_plain({"a": [torch.zeros(2), (0.9, 0.98), None, "x", {"b": True}]}, "state")
+    with pytest.raises(TypeError, match=r"state\['rng'\] is a random.Random"):
+        import random
+
+        _check_plain({"rng": random.Random(0)}, "state")
 
 
 def test_closed_book_mode_reads_no_passages(tiny_world, tmp_path):

@@ -8,9 +8,11 @@ enough that requests get preempted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ import torch
 from imprag_ray.bench.engines import run_engines_bench
 from imprag_ray.data.readers import read_corpus
 from imprag_ray.data.tokenized import PassageStore, encode_prompt_text
-from imprag_ray.engine import EngineError, GenerationRequest, Sampling, build_engine
+from imprag_ray.engine import EngineError, GenerationRequest, RequestAbortedError, Sampling, build_engine
 from imprag_ray.model.checkpoint import checkpoint_hash, load_tokenizer
 from imprag_ray.model.imprag import ImpRAGModel
 
@@ -247,3 +249,119 @@ def test_reload_serves_exactly_the_new_checkpoint(engine, ckpt, requests_, tmp_p
         engine.reload(str(tied))
     assert engine.checkpoint_hash == new_hash
     assert engine.checkpoint_hash == new_hash
+
+
+# ---------------------------------------------------------------- asyncio API
+def _distinct(requests_, max_new: int) -> list[GenerationRequest]:
+    """8 requests: 4 with passages, 4 closed book (the same prompts)."""
+    with_p = [r for r in requests_ if r.passages][:4]
+    return [
+        GenerationRequest(r.prompt_ids, p, Sampling(max_new), f"d{i}")
+        for i, (r, p) in enumerate([(r, r.passages) for r in with_p] + [(r, None) for r in with_p])
+    ]
+
+
+async def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.1f} s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_64_concurrent_astreams_finish_and_equal_generate(engine, requests_):
+    """64 streams in one event loop (8 run at once: max_num_seqs=8); each equals generate."""
+    distinct = _distinct(requests_, 4)
+    expected = [r.token_ids for r in engine.generate(distinct)]
+    # ids repeat: two live requests share each id
+    reqs = [
+        GenerationRequest(distinct[i % 8].prompt_ids, distinct[i % 8].passages, Sampling(4), f"s{i % 32}")
+        for i in range(64)
+    ]
+    took: dict[int, float] = {}
+
+    async def consume(i: int) -> list[int]:
+        start = time.monotonic()
+        out = [t async for chunk in engine.astream(reqs[i]) for t in chunk]
+        took[i] = time.monotonic() - start
+        return out
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(consume(i) for i in range(64))), timeout=300)
+
+    streamed = asyncio.run(main())
+    assert streamed == [expected[i % 8] for i in range(64)]
+    assert len(took) == 64 and max(took.values()) < 240
+    assert engine.running() == []
+
+
+def test_cancelled_and_closed_requests_are_aborted(engine, requests_):
+    """A cancelled agenerate, a stream closed early and abort(id) end their vLLM requests long
+    before their 300-token budget (gauged by the stream's own token pace)."""
+    r = next(r for r in requests_ if r.passages)
+    long = GenerationRequest(r.prompt_ids, r.passages, Sampling(300))
+    unfinished = engine._llm.output_processor.get_num_unfinished_requests
+    engine.check_health()  # the engine core and its loop thread are alive
+
+    async def main() -> list[float]:
+        waits = []
+        # a stream closed early; its pace bounds how long 300 tokens would take
+        stream = engine.astream(long)
+        await anext(stream)
+        start = time.monotonic()
+        for _ in range(3):
+            await anext(stream)
+        pace = (time.monotonic() - start) / 3
+        t0 = time.monotonic()
+        await stream.aclose()
+        await _wait_for(lambda: not engine.running() and unfinished() == 0, 60, "the closed stream's abort")
+        waits.append((time.monotonic() - t0) / pace)
+        # a cancelled agenerate
+        task = asyncio.create_task(engine.agenerate(long))
+        await _wait_for(lambda: unfinished() == 1, 60, "the request to start")
+        await asyncio.sleep(3 * pace)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait_for(
+            lambda: not engine.running() and unfinished() == 0, 60, "the cancelled request's abort"
+        )
+        waits.append((time.monotonic() - t0) / pace)
+        # abort(id) by an operator: the caller hears RequestAbortedError
+        stream = engine.astream(GenerationRequest(long.prompt_ids, long.passages, long.sampling, "op-1"))
+        await anext(stream)
+        assert engine.running() == ["op-1"]
+        engine.abort("op-1")
+        with pytest.raises(RequestAbortedError, match="op-1"):
+            while True:
+                await anext(stream)
+        assert engine.running() == []
+        await _wait_for(lambda: unfinished() == 0, 60, "vLLM to drop the aborted request")
+        return waits
+
+    waits = asyncio.run(main())
+    assert max(waits) < 100, waits
+
+
+def test_bad_seed_fails_alone_and_seeded_sampling_ignores_batchmates(engine, requests_):
+    distinct = _distinct(requests_, 4)
+    r = distinct[1]
+    seeded = GenerationRequest(r.prompt_ids, r.passages, Sampling(8, temperature=1.5, seed=3), "seeded")
+    bad_sampling = Sampling(3, temperature=1.0, seed=1)
+    object.__setattr__(bad_sampling, "seed", 2**64)  # bypasses Sampling's own check
+    bad = GenerationRequest(r.prompt_ids, r.passages, bad_sampling, "bad")
+    good = distinct[:6]
+
+    async def alone():
+        return await engine.agenerate(seeded)
+
+    async def batched():
+        reqs = [*good[:3], bad, seeded, *good[3:]]
+        return await asyncio.gather(*(engine.agenerate(x) for x in reqs), return_exceptions=True)
+
+    first = asyncio.run(alone()).token_ids
+    out = asyncio.run(batched())
+    assert isinstance(out[3], EngineError) and "seed" in str(out[3])
+    assert not any(isinstance(o, BaseException) for i, o in enumerate(out) if i != 3), out
+    assert out[4].token_ids == first
+    assert [o.token_ids for o in out[:3] + out[5:]] == [x.token_ids for x in engine.generate(good)]
