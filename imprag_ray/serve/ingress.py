@@ -404,7 +404,10 @@ class Ingress:
                 await tokens.aclose()
                 raise
             self.metrics.ttft(route, time.monotonic() - t0)
-            body = self._stream(parsed, version, tokenizer, prompt_ids, passages, tokens, first, rid, t0)
+            seed = payload["sampling"]["seed"]
+            body = self._stream(
+                parsed, version, tokenizer, prompt_ids, passages, tokens, first, rid, t0, seed
+            )
             return StreamingResponse(body, media_type="text/event-stream")
         result = await self._generate(payload, version, rid)
         elapsed = time.monotonic() - t0
@@ -426,12 +429,15 @@ class Ingress:
         )
 
     async def _stream(
-        self, parsed, version: Version, tokenizer, prompt_ids, passages, tokens, first, rid, t0
+        self, parsed, version: Version, tokenizer, prompt_ids, passages, tokens, first, rid, t0, seed
     ):
-        """The SSE body: passages first, then text deltas cut at the first stop string."""
+        """The SSE body: passages first (and, for a sampled request, the seed it is drawn
+        with: a seeded request repeats the text), then text deltas cut at the first stop string."""
         route, model = ROUTES[parsed.kind], self.cfg.model_name
         req_id = api.new_id("chatcmpl" if parsed.kind == "chat" else "cmpl", rid)
         extra = {"retrieved_passages": api.passages_field(passages), "checkpoint_hash": version.hash}
+        if seed is not None:
+            extra["seed"] = seed
         text = api.TextStream(tokenizer, parsed.stop)
         status, count = 200, 0
         try:

@@ -113,20 +113,24 @@ def httpx_get_status(serve_app) -> dict:
     return httpx.get(serve_app["url"] + "/v1/status", headers=headers, timeout=30).json()
 
 
-async def _stream_until(url: str, stop: threading.Event, out: list) -> None:
-    """Two SSE completion streams at a time until ``stop``; records text and clean ending."""
+async def _stream_until(url: str, stop: threading.Event, out: list, sampled: list | None = None) -> None:
+    """Two greedy SSE completion streams at a time until ``stop``; records text and clean
+    ending in ``out``. With ``sampled``, a third stream samples at temperature 1 without a
+    seed and records (prompt, text, ok, the seed the ingress reported, error code)."""
     import httpx
 
     async with httpx.AsyncClient(
         base_url=url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}
     ) as c:
 
-        async def worker(j: int) -> None:
+        async def worker(j: int, sample: bool) -> None:
             i = j
             while not stop.is_set():
                 prompt = prompt_for(i % 4)
                 body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True}
-                text, done, error = "", False, False
+                if sample:
+                    body["temperature"] = 1.0
+                text, done, error, seed, code = "", False, False, None, None
                 try:
                     async with c.stream("POST", "/v1/completions", json=body) as resp:
                         async for line in resp.aiter_lines():
@@ -136,16 +140,25 @@ async def _stream_until(url: str, stop: threading.Event, out: list) -> None:
                                 done = True
                                 continue
                             chunk = json.loads(line[6:])
-                            error = error or "error" in chunk
+                            if "error" in chunk:
+                                error, code = True, chunk["error"].get("code")
+                            seed = chunk.get("seed", seed)
                             if "choices" in chunk:
                                 text += chunk["choices"][0]["text"]
                     ok = resp.status_code == 200 and done and not error
                 except Exception:
                     ok = False
-                out.append((prompt, text, ok))
+                if sample:
+                    assert sampled is not None
+                    sampled.append((prompt, text, ok, seed, code))
+                else:
+                    out.append((prompt, text, ok))
                 i += 2
 
-        await asyncio.gather(worker(0), worker(1))
+        workers = [worker(0, False), worker(1, False)]
+        if sampled is not None:
+            workers.append(worker(2, True))
+        await asyncio.gather(*workers)
 
 
 def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
@@ -165,8 +178,11 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
             killed_at.append(len(statuses))
 
     streams: list[tuple[str, str, bool]] = []  # (prompt, streamed text, ended cleanly)
+    sampled: list[tuple] = []  # temperature 1, no seed: (prompt, text, ok, seed, error code)
     stop = threading.Event()
-    streamer = threading.Thread(target=lambda: asyncio.run(_stream_until(serve_app["url"], stop, streams)))
+    streamer = threading.Thread(
+        target=lambda: asyncio.run(_stream_until(serve_app["url"], stop, streams, sampled))
+    )
     streamer.start()
     try:
         summary = asyncio.run(
@@ -196,6 +212,20 @@ def test_killing_a_generation_replica_mid_load_fails_no_request(serve_app):
             assert all(
                 t == full["choices"][0]["text"] for p, t, _ in streams if p == prompt
             )  # no lost/doubled tokens
+        # a sampled stream cut by the death is the sample of its seed, or ends with an error
+        # event: never the head of one sample and the tail of another
+        assert sampled
+        for prompt, text, ok, seed, code in sampled:
+            if not ok:
+                assert code == "stream_replay_mismatch", (prompt, text, code)
+                continue
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": seed}
+            assert (
+                seed is not None and c.post("/v1/completions", json=body).json()["choices"][0]["text"] == text
+            )
+        print(
+            f"fault: {len(sampled)} sampled streams, {sum(not s[2] for s in sampled)} ended with an error event"
+        )
     failed = sum(1 for s in statuses if s != 200)
     print(
         f"\nfault: killed generation replica pid {victim} after {killed_at} responses; "
