@@ -171,7 +171,7 @@ def test_check_health_fails_on_a_dead_sync_thread_or_a_closed_engine(serve_world
     generation.cache.get(_version("a"))
     generation.check_health()
     engine.close()  # a closed engine (its scheduler thread ends too)
-    with pytest.raises(RuntimeError, match="engine of version .*closed"):
+    with pytest.raises(RuntimeError, match=r"engine of version .*closed"):
         generation.check_health()
     generation.sync = DeadSync()
     with pytest.raises(RuntimeError, match="sync thread is dead"):
