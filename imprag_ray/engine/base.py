@@ -24,12 +24,13 @@ own call only; requests batched with it are unaffected.
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 ENGINE_KINDS = ("torch", "vllm")
 # Sampling seeds: non-negative and within a signed 64-bit integer (torch.Generator.manual_seed
@@ -225,6 +226,21 @@ def cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> tuple[list[int],
         if t in stop_set:
             return list(tokens[:i]), True
     return list(tokens), False
+
+
+# What an engine hands a waiting caller: ("tokens", list[int]) while streaming, then exactly
+# one of ("done", GenerationResult) or ("error", EngineError).
+Item = tuple[str, Any]
+
+
+def loop_deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> Callable[[Item], None]:
+    """Deliver items into ``out`` from any thread, in the caller's ``loop`` (RuntimeError
+    once that loop is closed): how engine threads feed ``agenerate`` / ``astream``."""
+
+    def deliver(item: Item) -> None:
+        loop.call_soon_threadsafe(out.put_nowait, item)
+
+    return deliver
 
 
 def build_engine(kind: str, checkpoint_dir: str, **options) -> GenerationEngine:

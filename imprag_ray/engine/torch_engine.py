@@ -31,7 +31,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 
@@ -40,17 +39,15 @@ from imprag_ray.engine.base import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    Item,
     RequestAbortedError,
     checkpoint_stop_ids,
     engine_request_id,
+    loop_deliver,
 )
 from imprag_ray.model.checkpoint import checkpoint_hash
 from imprag_ray.model.generation import generate_steps, select_next
 from imprag_ray.model.imprag import ImpRAGModel
-
-# What a job hands its caller: ("tokens", list[int]) while streaming, then exactly one of
-# ("done", GenerationResult) or ("error", EngineError).
-Item = tuple[str, Any]
 
 
 class _Job:
@@ -411,7 +408,7 @@ class TorchEngine(GenerationEngine):
     async def agenerate(self, request: GenerationRequest) -> GenerationResult:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        (job,) = self._jobs([request], [_loop_deliver(loop, out)], stream=False)
+        (job,) = self._jobs([request], [loop_deliver(loop, out)], stream=False)
         try:
             kind, payload = await out.get()
         finally:
@@ -424,7 +421,7 @@ class TorchEngine(GenerationEngine):
     async def astream(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        (job,) = self._jobs([request], [_loop_deliver(loop, out)], stream=True)
+        (job,) = self._jobs([request], [loop_deliver(loop, out)], stream=True)
         try:
             while True:
                 kind, payload = await out.get()
@@ -457,12 +454,3 @@ class TorchEngine(GenerationEngine):
         self._finalizer()
         if self._worker is not threading.current_thread():
             self._worker.join(timeout=30)
-
-
-def _loop_deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> Callable[[Item], None]:
-    """Deliver into ``out`` from any thread, in ``loop`` (RuntimeError once it is closed)."""
-
-    def deliver(item: Item) -> None:
-        loop.call_soon_threadsafe(out.put_nowait, item)
-
-    return deliver

@@ -43,11 +43,13 @@ from imprag_ray.engine.base import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    Item,
     RequestAbortedError,
     Sampling,
     checkpoint_stop_ids,
     cut_at_stop,
     engine_request_id,
+    loop_deliver,
 )
 from imprag_ray.model.checkpoint import checkpoint_hash
 from imprag_ray.model.imprag import IMPRAG_CONFIG_NAME
@@ -76,11 +78,6 @@ _SHAPE_KEYS = (
 )
 
 
-# What a request hands its caller: ("tokens", list[int]) while streaming, then exactly one
-# of ("done", GenerationResult) or ("error", EngineError).
-Item = tuple[str, Any]
-
-
 class _Live:
     """A request between submission and its end: its engine id (also vLLM's request id),
     where its output goes, and its producer task on the engine loop."""
@@ -91,15 +88,6 @@ class _Live:
         self.future: concurrent.futures.Future | None = None
         self.aborted = False
         self.ended = False  # its final item was delivered (set under the engine's live lock)
-
-
-def _loop_deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> Callable[[Item], None]:
-    """Deliver into ``out`` from the engine's loop thread, in the caller's ``loop``."""
-
-    def deliver(item: Item) -> None:
-        loop.call_soon_threadsafe(out.put_nowait, item)
-
-    return deliver
 
 
 def _read_json(path: Path) -> dict:
@@ -514,7 +502,7 @@ class VLLMEngine(GenerationEngine):
     # -------------------------------------------------------------- asyncio API
     async def agenerate(self, request: GenerationRequest) -> GenerationResult:
         out: asyncio.Queue = asyncio.Queue()
-        live = self._submit(request, _loop_deliver(asyncio.get_running_loop(), out), stream=False)
+        live = self._submit(request, loop_deliver(asyncio.get_running_loop(), out), stream=False)
         try:
             kind, payload = await out.get()
         except BaseException:  # cancelled while waiting
@@ -526,7 +514,7 @@ class VLLMEngine(GenerationEngine):
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         out: asyncio.Queue = asyncio.Queue()
-        live = self._submit(request, _loop_deliver(asyncio.get_running_loop(), out), stream=True)
+        live = self._submit(request, loop_deliver(asyncio.get_running_loop(), out), stream=True)
         finished = False
         try:
             while True:
