@@ -1,5 +1,6 @@
-"""CI-sized learning test: a few hundred steps of joint training on a small synthetic world
-raise held-out-entity recall@k and EM far above the untrained model.
+"""CI-sized learning tests: a couple of hundred steps of joint training on a small synthetic
+world raise held-out-entity recall@k and EM far above the untrained model (step counts and
+the metrics they reach: docs/notes.md).
 
 Held-out entities never appear in training tasks; their facts exist only in the corpus,
 so everything measured here is retrieval by the model's own layer-b embeddings plus
@@ -20,7 +21,9 @@ from imprag_ray.config.schema import TrainJobConfig
 from imprag_ray.train.recipe import ImpRAGRecipe
 from tests.world import job_dict
 
-STEPS = int(os.environ.get("IMPRAG_LEARNING_STEPS", "300"))
+# training steps of the random-init test and of the from-the-base test (env: longer runs)
+STEPS = int(os.environ.get("IMPRAG_LEARNING_STEPS", "200"))
+BASE_STEPS = int(os.environ.get("IMPRAG_BASE_STEPS", "150"))
 
 
 def _world(tmp_path):
@@ -39,6 +42,7 @@ def _world(tmp_path):
     job = job_dict(tmp_path, world, ckpt, epochs=1, warmup_epochs=1, steps_per_epoch=STEPS,
                    batch_size=16, lr=5e-4, warmup_steps=20, log_every=50)
     job["teacher"] = {"num_positives": 1}
+    job["data"]["eval"] = [e for e in job["data"]["eval"] if e["format"] == "qa"]  # what is asserted
     job["eval"] = {"top_k": 3, "recall_ks": [1, 3, 10], "max_new_tokens": 6, "batch_size": 64}
     path = tmp_path / "job.yaml"
     path.write_text("# learning test\n" + yaml.safe_dump(job))
@@ -63,7 +67,7 @@ def answer_nll(recipe, split_file, with_gold_passage):
     return out.loss.item()
 
 
-@pytest.mark.timeout(1200)  # ~3 min on an idle 2-core box; more on a busy one
+@pytest.mark.timeout(1200)  # ~2 min on an idle 2-core box; more on a busy one
 def test_joint_training_learns_to_retrieve_and_read(tmp_path):
     recipe = ImpRAGRecipe(_world(tmp_path))
     recipe.setup()
@@ -74,8 +78,7 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
         recipe.train_step(batch)
     after = recipe.evaluate("eval", write=False)
     nll_gold, nll_closed = answer_nll(recipe, qa_file, True), answer_nll(recipe, qa_file, False)
-    print({k: (before[k]["em"], before[k]["recall@3"], before[k]["recall@10"]) for k in before})
-    print({k: (after[k]["em"], after[k]["recall@3"], after[k]["recall@10"]) for k in after})
+    print({"before": before["qa"], "after": after["qa"]})
     print({"nll_before": nll_before, "nll_gold_passage": nll_gold, "nll_no_passage": nll_closed})
     qa0, qa1 = before["qa"], after["qa"]
     # retrieval with the model's own layer-b embeddings, over all 800 passages
@@ -90,13 +93,10 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
 
 
 @pytest.mark.timeout(1200)  # ~2 min on an idle 2-core box
-def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch):
-    """The demo's ImpRAG job, 300 steps from the checked-in base (pretrained on people who are
+def test_150_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch):
+    """The demo's ImpRAG job, 150 steps from the checked-in base (pretrained on people who are
     not in this world, ``imprag model pretrain-base``): held-out people's answers come out of the
-    passages the model retrieves itself, far above the untrained model (measured on the
-    two-stage base with the gold passage as the positive: EM 31%, recall@1/4/10 71/90/94%;
-    BM25's top-1 as the positive: 25%, 58/77/88%; 27%, 63/78/89% before the unused token
-    rows got the mean; the one-stage base gave EM 16%, 46/73/83%, and 13% after 200 steps)."""
+    passages the model retrieves itself, far above the untrained model."""
     import dataclasses
     from pathlib import Path
 
@@ -108,7 +108,7 @@ def test_a_few_hundred_steps_from_the_base_answer_held_out_questions(tmp_path, m
     monkeypatch.chdir(tmp_path)  # the job's runs/demo/... paths
     demo.prepare(echo=lambda s: None)  # the demo world + a copy of the base in runs/demo/init
     overrides = ["threads=2", "ray.num_workers=1", "train.epochs=1", "train.warmup_epochs=1",
-                 "train.steps_per_epoch=300", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
+                 f"train.steps_per_epoch={BASE_STEPS}", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
     cfg = load_train_config(demo.ROOT / "jobs/tiny_synth_imprag.yaml", overrides)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.eval[:1]))  # QA
     world = Path(cfg.data.corpus).parent
