@@ -5,6 +5,12 @@ Both engines serve the same checkpoint (``--checkpoint``, else a random model of
 (random token ids; greedy decoding). Each engine is warmed up on two short requests,
 then timed on the whole batch in one ``generate`` call. The JSON reports tokens/s of
 each, their ratio and the share of requests whose greedy tokens agree exactly.
+
+``--compare-plain`` adds stock vLLM on the same checkpoint and requests, the passages
+sent as a plain token prefix (``passages + prompt``, the same tokens ImpRAG reads, without
+its region layout or reader attention): the speed ImpRAG's vLLM path is measured against.
+Its greedy tokens differ from ImpRAG's (another attention pattern), so only speed is
+compared. Every engine runs in this process's CPU set with the same thread count.
 """
 
 from __future__ import annotations
@@ -77,9 +83,11 @@ def run_engines_bench(
     torch_batch_size: int = 32,
     vllm_options: dict[str, Any] | None = None,
     vllm_engine: GenerationEngine | None = None,
+    compare_plain: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Measure both engines on the same requests; ``vllm_engine`` reuses a running one."""
+    """Measure both engines on the same requests; ``vllm_engine`` reuses a running one;
+    ``compare_plain`` also times stock vLLM with the passages as a plain prefix."""
     import torch
 
     torch.set_num_threads(threads)
@@ -109,7 +117,17 @@ def run_engines_bench(
     if own:
         vllm_stats["startup_s"] = round(startup, 1)
     same = sum(a.token_ids == b.token_ids for a, b in zip(vllm_results, torch_results, strict=True))
-    return {
+    plain_stats = None
+    if compare_plain:
+        start = time.perf_counter()
+        plain = build_engine("vllm", str(checkpoint), plain=True, **(vllm_options or {}))
+        startup = time.perf_counter() - start
+        try:
+            plain_stats, _ = time_engine(plain, reqs)
+        finally:
+            plain.close()
+        plain_stats["startup_s"] = round(startup, 1)
+    report = {
         "checkpoint": str(checkpoint),
         "model": {
             k: hf.get(k)
@@ -134,6 +152,12 @@ def run_engines_bench(
         "ratio_vllm_over_torch": round(vllm_stats["tokens_per_s"] / torch_stats["tokens_per_s"], 3),
         "greedy_exact_match": round(same / len(reqs), 4),
     }
+    if plain_stats is not None:
+        report["plain_vllm"] = plain_stats
+        report["ratio_vllm_over_plain_vllm"] = round(
+            vllm_stats["tokens_per_s"] / plain_stats["tokens_per_s"], 3
+        )
+    return report
 
 
 def cmd_bench_engines(args: argparse.Namespace) -> int:
@@ -166,6 +190,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
             threads=args.threads,
             torch_batch_size=args.torch_batch_size,
             vllm_options=vllm_options,
+            compare_plain=args.compare_plain,
             seed=args.seed,
         )
     report["preset"] = None if args.checkpoint else args.preset
@@ -191,6 +216,11 @@ def add_parser(bsub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also time stock vLLM with the passages as a plain token prefix (same tokens)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench_engines)

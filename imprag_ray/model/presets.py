@@ -43,8 +43,10 @@ class ModelPreset:
             if value is not None and value <= 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
         if self.embedding_init_std is not None and self.tie_word_embeddings:
-            raise ValueError("embedding_init_std needs tie_word_embeddings=False (a tied table "
-                             "is also the LM head); drop one of the two")
+            raise ValueError(
+                "embedding_init_std needs tie_word_embeddings=False (a tied table "
+                "is also the LM head); drop one of the two"
+            )
 
     def hf_config(self, vocab_size: int | None = None, **special_ids: int):
         """A transformers ``LlamaConfig`` of this shape (vocab from the tokenizer if given)."""
@@ -115,6 +117,28 @@ def tiny() -> ModelPreset:
     )
 
 
+def medium() -> ModelPreset:
+    """~54M parameters (12 layers, hidden 512, 8 q / 2 kv heads, tied), k=10, l_max=128:
+    the benchmark shape between tiny and Llama-3 (b, t at the 3B split's depth ratio)."""
+    return ModelPreset(
+        name="medium",
+        hidden_size=512,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        vocab_size=16384,
+        retrieval_layer=3,
+        reader_last_layer=8,
+        max_passage_tokens=128,
+        num_passages=10,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )
+
+
 def llama3_2_3b() -> ModelPreset:
     """Llama-3.2-3B shape (28 layers, 24 q / 8 kv heads); paper split b=7, t=19."""
     return ModelPreset(
@@ -163,7 +187,7 @@ def llama3_1_8b() -> ModelPreset:
     )
 
 
-PRESETS = {"tiny": tiny, "llama3.2-3b": llama3_2_3b, "llama3.1-8b": llama3_1_8b}
+PRESETS = {"tiny": tiny, "medium": medium, "llama3.2-3b": llama3_2_3b, "llama3.1-8b": llama3_1_8b}
 
 
 def _field_parser(annotation: str):

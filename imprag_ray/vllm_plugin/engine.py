@@ -90,6 +90,13 @@ class _Live:
         self.ended = False  # its final item was delivered (set under the engine's live lock)
 
 
+def region_block_size(region: int) -> int:
+    """The KV block size for a passage region of ``region`` slots: the largest of 128, 64,
+    32, 16 that divides it, so that the prompt starts on a block boundary and the attention
+    backend runs vLLM's paged kernel over the prompt keys alone (16 when none divides)."""
+    return next((b for b in (128, 64, 32, 16) if region % b == 0), 16)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -200,6 +207,9 @@ class VLLMEngine(GenerationEngine):
             ``max_prompt_tokens`` + ``max_new_tokens``.
         max_prompt_tokens / max_new_tokens: the request budget (defaults 512 / 256).
         enforce_eager: keep True: the ImpRAG attention backend has no CUDA-graph support.
+        plain: run the checkpoint as stock vLLM Llama (its own attention backend) with the
+            passages as a plain token prefix (``passages[0] + ... + prompt``): the baseline of
+            ``imprag bench engines --compare-plain``, not ImpRAG's reader.
         engine_args: any further ``vllm.AsyncEngineArgs`` field (e.g. gpu_memory_utilization).
     """
 
@@ -219,9 +229,11 @@ class VLLMEngine(GenerationEngine):
         max_new_tokens: int | None = None,
         enforce_eager: bool = True,
         seed: int = 0,
+        plain: bool = False,
         **engine_args: Any,
     ):
         path = Path(checkpoint_dir)
+        self.plain = plain
         self._imprag = _read_json(path / IMPRAG_CONFIG_NAME)
         self._hf = _read_json(path / "config.json")
         if self._hf.get("model_type") != "llama":
@@ -252,13 +264,17 @@ class VLLMEngine(GenerationEngine):
         ):
             kv_bytes = _kv_cache_bytes(kv_cache_gib, self._hf, dtype, max_model_len, max_num_seqs)
 
-        overrides = {
-            "architectures": [ARCHITECTURE],
-            "imprag_retrieval_layer": int(self._imprag["retrieval_layer"]),
-            "imprag_reader_last_layer": int(self._imprag["reader_last_layer"]),
-            "imprag_max_passage_tokens": self._l_max,
-            "imprag_num_passages": self._k,
-        }
+        overrides: dict[str, Any] = (
+            {}
+            if plain
+            else {
+                "architectures": [ARCHITECTURE],
+                "imprag_retrieval_layer": int(self._imprag["retrieval_layer"]),
+                "imprag_reader_last_layer": int(self._imprag["reader_last_layer"]),
+                "imprag_max_passage_tokens": self._l_max,
+                "imprag_num_passages": self._k,
+            }
+        )
         options: dict[str, Any] = {
             "model": str(path),
             "dtype": dtype,
@@ -276,6 +292,8 @@ class VLLMEngine(GenerationEngine):
         }
         if kv_bytes is not None:
             options["kv_cache_memory_bytes"] = kv_bytes
+        if not plain:
+            options["block_size"] = region_block_size(region_length(self._k, self._l_max))
         try:
             args = AsyncEngineArgs(**{**options, **engine_args})
         except TypeError as e:  # an unknown engine option
@@ -338,17 +356,20 @@ class VLLMEngine(GenerationEngine):
 
         self.check_request(request)
         try:
-            ids = encode_request(
-                request.prompt_ids,
-                request.passages,
-                vocab_size=self._vocab,
-                num_passages=self._k,
-                max_passage_tokens=self._l_max,
-            )
+            if self.plain:
+                ids = [int(t) for p in request.passages or () for t in p] + list(request.prompt_ids)
+            else:
+                ids = encode_request(
+                    request.prompt_ids,
+                    request.passages,
+                    vocab_size=self._vocab,
+                    num_passages=self._k,
+                    max_passage_tokens=self._l_max,
+                )
         except ValueError as e:
             raise EngineError(str(e)) from None
         if len(ids) >= self.max_model_len:
-            region = 0 if request.passages is None else region_length(self._k, self._l_max)
+            region = len(ids) - len(request.prompt_ids)
             raise EngineError(
                 f"prompt_ids: {len(request.prompt_ids)} tokens after a passage region of {region} "
                 f"do not fit max_model_len={self.max_model_len}; shorten the prompt or start the engine "
@@ -573,6 +594,20 @@ class VLLMEngine(GenerationEngine):
             await self._llm.reset_prefix_cache()
         finally:
             await self._llm.resume_generation()
+
+    def attention_stats(self) -> dict[str, int]:
+        """How the ImpRAG attention ran since start-up, summed over workers and layers:
+        query rows (and calls) through vLLM's paged CPU kernel and through the gather path
+        (prompt tokens reading the passage region, or every query where the kernel is not
+        available). Empty for a ``plain`` engine."""
+        if self.plain:
+            return {}
+        per_worker = self._call(self._llm.collective_rpc("imprag_attention_stats"))
+        total: dict[str, int] = {}
+        for stats in per_worker:
+            for key, value in stats.items():
+                total[key] = total.get(key, 0) + int(value)
+        return total
 
     # ---------------------------------------------------------------- shutdown
     def check_health(self) -> None:

@@ -1,11 +1,14 @@
 """The out-of-tree ImpRAG Llama for vLLM (arXiv 2506.02279 §3.1 "Reader", DESIGN §1).
 
-vLLM's ``LlamaForCausalLM`` with one change: every decoder layer's attention runs on
+vLLM's ``LlamaForCausalLM`` with two changes: every decoder layer's attention runs on
 :class:`~imprag_ray.vllm_plugin.attention.ImpRAGAttentionBackend`, told whether its
-layer is a reader layer (b..t). The model's forward decodes the region encoding of
-:mod:`imprag_ray.vllm_plugin.layout` (passage / PAD flags carried in the token ids)
-into real token ids plus per-token flags that the attention layers read. Weights are
-our HF-format checkpoints unchanged (same names as Llama).
+layer is a reader layer (b..t); and the forward decodes the region encoding of
+:mod:`imprag_ray.vllm_plugin.layout` (passage / PAD flags carried in the token ids) into
+real token ids plus per-token flags, then runs only the tokens whose states someone
+reads: PAD slots in no layer, passage tokens in layers 0..t (no prompt token reads a
+passage above layer t). Their rows of the returned hidden states are zeros (vLLM only
+samples from a request's last token, never a passage or PAD token of a finished prefill).
+Weights are our HF-format checkpoints unchanged (same names as Llama).
 
 The ImpRAG settings come from ``hf_overrides`` (``imprag_retrieval_layer`` ...), which
 :class:`~imprag_ray.vllm_plugin.engine.VLLMEngine` fills from ``imprag_config.json``;
@@ -33,7 +36,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.backend import AttentionType
 
 from imprag_ray.vllm_plugin.attention import ImpRAGAttentionBackend, TokenFlags
-from imprag_ray.vllm_plugin.layout import decode_ids
+from imprag_ray.vllm_plugin.layout import PAD, REGION, decode_ids, region_length
 from imprag_ray.vllm_plugin.patches import apply_cpu_seed_patch
 
 ARCHITECTURE = "ImpRAGLlamaForCausalLM"
@@ -102,6 +105,7 @@ class ImpRAGLlamaAttention(nn.Module):
         *,
         settings: ReaderSettings,
         flags: TokenFlags,
+        use_kernel: bool = True,
     ) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
@@ -144,6 +148,8 @@ class ImpRAGLlamaAttention(nn.Module):
             attn_backend=ImpRAGAttentionBackend,
             reader=settings.is_reader(extract_layer_index(prefix)),
             flags=flags,
+            region=region_length(settings.k, settings.l_max),
+            use_kernel=use_kernel,
         )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
@@ -176,8 +182,41 @@ class ImpRAGLlamaForCausalLM(LlamaForCausalLM):
     ) -> Tensor | IntermediateTensors:
         if input_ids is None:
             raise NotImplementedError("ImpRAG needs token ids (region flags travel in them)")
-        ids, self.flags.current = decode_ids(input_ids, self.region_vocab)  # [T], [T]
-        return self.model(ids, positions, intermediate_tensors, inputs_embeds)
+        if intermediate_tensors is not None:
+            raise NotImplementedError("ImpRAG's vLLM model runs without pipeline parallelism")
+        ids, flags = decode_ids(input_ids, self.region_vocab)  # [T], [T]
+        self.flags.current, self.flags.positions = flags, positions
+        model = self.model
+        in_region, pad = (flags & REGION) != 0, (flags & PAD) != 0
+        # rows of layers 0..t: all but PAD; of the top layers: neither PAD nor passage
+        low = None if not bool(pad.any()) else (~pad).nonzero().squeeze(1)
+        if low is not None and low.numel() == 0:
+            # a step of PAD slots only: one of them still runs (its state is never read) so
+            # that the attention layers record the slots' flags, which later steps read
+            low = low.new_zeros(1)
+        top = None if not bool(in_region.any()) else (~in_region).nonzero().squeeze(1)
+        h = model.embed_input_ids(ids if low is None else ids[low])
+        pos = positions if low is None else positions[low]
+        residual = None
+        self.flags.rows, self.flags.phase = low, 0
+        for i, layer in enumerate(model.layers):
+            if i == self.settings.t + 1 and top is not None:
+                keep = ~in_region if low is None else ~in_region[low]  # among the rows run so far
+                keep_rows = keep.nonzero().squeeze(1)
+                h, pos = h[keep_rows], pos[keep_rows]
+                residual = None if residual is None else residual[keep_rows]
+                self.flags.rows, self.flags.phase = top, 1
+            if h.shape[0]:
+                h, residual = layer(pos, h, residual)
+        self.flags.rows = None
+        rows = top if top is not None and self.settings.t + 1 < len(model.layers) else low
+        if h.shape[0]:
+            h, _ = model.norm(h, residual)
+        if rows is None:
+            return h
+        out = h.new_zeros(ids.shape[0], h.shape[-1])
+        out[rows] = h
+        return out
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         ids, _ = decode_ids(input_ids, self.region_vocab)

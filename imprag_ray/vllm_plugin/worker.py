@@ -57,3 +57,8 @@ class ImpRAGWorkerExtension:
 
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return count
+
+    def imprag_attention_stats(self) -> dict[str, int]:
+        """Query rows (and calls) the ImpRAG attention layers ran through vLLM's paged
+        kernel and through the gather path, summed over layers since start-up."""
+        return dict(self.model_runner.model.flags.stats)  # type: ignore[attr-defined]

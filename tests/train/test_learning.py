@@ -34,13 +34,35 @@ def _world(tmp_path):
     world = tmp_path / "world"
     synthesize(world, seed=5, n_passages=800)
     ckpt = tmp_path / "init"
-    shape = llama_like(hidden_size=128, intermediate_size=384, num_layers=5, num_heads=4,
-                       num_kv_heads=2, head_dim=32, retrieval_layer=2, reader_last_layer=3,
-                       max_passage_tokens=48, num_passages=3, initializer_range=0.05)
-    texts = tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl", world / "train/instruction.jsonl"])
+    shape = llama_like(
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=5,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        retrieval_layer=2,
+        reader_last_layer=3,
+        max_passage_tokens=48,
+        num_passages=3,
+        initializer_range=0.05,
+    )
+    texts = tokenizer_texts(
+        world / "corpus.jsonl", [world / "train/qa.jsonl", world / "train/instruction.jsonl"]
+    )
     init_checkpoint(shape, texts, ckpt, seed=0, vocab_size=2500)
-    job = job_dict(tmp_path, world, ckpt, epochs=1, warmup_epochs=1, steps_per_epoch=STEPS,
-                   batch_size=16, lr=5e-4, warmup_steps=20, log_every=50)
+    job = job_dict(
+        tmp_path,
+        world,
+        ckpt,
+        epochs=1,
+        warmup_epochs=1,
+        steps_per_epoch=STEPS,
+        batch_size=16,
+        lr=5e-4,
+        warmup_steps=20,
+        log_every=50,
+    )
     job["teacher"] = {"num_positives": 1}
     job["data"]["eval"] = [e for e in job["data"]["eval"] if e["format"] == "qa"]  # what is asserted
     job["eval"] = {"top_k": 3, "recall_ks": [1, 3, 10], "max_new_tokens": 6, "batch_size": 64}
@@ -57,13 +79,27 @@ def answer_nll(recipe, split_file, with_gold_passage):
     from imprag_ray.train.batching import collate, make_item
 
     examples = read_tasks(split_file, "qa")
-    items = [make_item(ex, recipe.tokenizer, list(ex.provenance), k=1, num_positives=1,
-                       hard_negative_ranks=(10, 50), num_hard_negatives=0, num_candidates=1,
-                       max_prompt_tokens=80, max_target_tokens=12, rng=random.Random(0)) for ex in examples]
+    items = [
+        make_item(
+            ex,
+            recipe.tokenizer,
+            list(ex.provenance),
+            k=1,
+            num_positives=1,
+            hard_negative_ranks=(10, 50),
+            num_hard_negatives=0,
+            num_candidates=1,
+            max_prompt_tokens=80,
+            max_target_tokens=12,
+            rng=random.Random(0),
+        )
+        for ex in examples
+    ]
     batch = collate(items, recipe.store, 1, recipe.tokenizer.pad_token_id, with_passages=with_gold_passage)
     recipe.model.eval()
-    out = recipe.model(batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask,
-                       labels=batch.labels)
+    out = recipe.model(
+        batch.input_ids, batch.attention_mask, batch.passage_ids, batch.passage_mask, labels=batch.labels
+    )
     return out.loss.item()
 
 
@@ -107,19 +143,32 @@ def test_150_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)  # the job's runs/demo/... paths
     demo.prepare(echo=lambda s: None)  # the demo world + a copy of the base in runs/demo/init
-    overrides = ["threads=2", "ray.num_workers=1", "train.epochs=1", "train.warmup_epochs=1",
-                 f"train.steps_per_epoch={BASE_STEPS}", "train.batch_size=16", "eval.limit=100", "eval.batch_size=100"]
+    overrides = [
+        "threads=2",
+        "ray.num_workers=1",
+        "train.epochs=1",
+        "train.warmup_epochs=1",
+        f"train.steps_per_epoch={BASE_STEPS}",
+        "train.batch_size=16",
+        "eval.limit=100",
+        "eval.batch_size=100",
+    ]
     cfg = load_train_config(demo.ROOT / "jobs/tiny_synth_imprag.yaml", overrides)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.eval[:1]))  # QA
     world = Path(cfg.data.corpus).parent
 
     untrained_dir = tmp_path / "untrained"  # the tiny shape at random init, same tokenizer texts
-    init_checkpoint(dataclasses.replace(tiny(), num_passages=1),
-                    tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl"]), untrained_dir, seed=0)
+    init_checkpoint(
+        dataclasses.replace(tiny(), num_passages=1),
+        tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl"]),
+        untrained_dir,
+        seed=0,
+    )
     # evaluation only: one training item keeps its setup from ranking the whole mix with BM25
     few = dataclasses.replace(cfg.data, train=(dataclasses.replace(cfg.data.train[0], limit=1),))
-    untrained = ImpRAGRecipe(dataclasses.replace(
-        cfg, data=few, model=dataclasses.replace(cfg.model, path=str(untrained_dir))))
+    untrained = ImpRAGRecipe(
+        dataclasses.replace(cfg, data=few, model=dataclasses.replace(cfg.model, path=str(untrained_dir)))
+    )
     untrained.setup()
     qa_untrained = untrained.evaluate("eval", write=False)["qa"]
 

@@ -29,17 +29,25 @@ pytestmark = pytest.mark.vllm
 
 MAX_NEW = 8
 BATCHED_TOKENS = 64
-# ~12 blocks of 128 tokens (1.5 KiB per token: 4 layers x K,V x 2 heads x 24 x fp32): eight
-# running requests of ~2 blocks each do not fit, so the batched test also runs through
+# ~192 slots of KV (2 KiB per token: 4 layers x K,V x 2 heads x 32 x fp32): eight running
+# requests of ~170-270 slots each do not fit, so the batched test also runs through
 # preemption and recomputation.
-KV_CACHE_GIB = 12 * 128 * 1536 / 2**30
+KV_CACHE_GIB = 12 * 128 * 2048 / 2**30
 
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_world, tmp_path_factory) -> Path:
-    """A copy of the tiny checkpoint (the reload test writes next to it)."""
+    """The tests' tiny shape with 32-wide heads (a size vLLM's CPU attention kernel takes)
+    and the tiny world's tokenizer; the reload test writes next to it."""
+    from imprag_ray.data.readers import iter_corpus
+    from imprag_ray.data.templates import format_passage
+    from imprag_ray.model.checkpoint import init_checkpoint
+    from imprag_ray.model.presets import llama_like
+    from tests.world import TINY_OVERRIDES
+
     out = tmp_path_factory.mktemp("vllm_ckpt") / "a"
-    shutil.copytree(tiny_world["ckpt"], out)
+    texts = [format_passage(p) for p in iter_corpus(tiny_world["world"] / "corpus.jsonl")]
+    init_checkpoint(llama_like(**{**TINY_OVERRIDES, "head_dim": 32}), texts, out, seed=0, vocab_size=1500)
     return out
 
 
@@ -116,6 +124,11 @@ def test_batched_greedy_equals_torch_engine(engine, reference, requests_):
         (r.request_id, r.token_ids, e) for r, e in zip(results, expected, strict=True) if r.token_ids != e
     ]
     assert not mismatches, mismatches
+    # C = 144 slots: 16-slot blocks, so vLLM's paged kernel runs passage tokens and the
+    # prompt outside layers b..t; prompt tokens in b..t take the gather path
+    assert engine._llm.vllm_config.cache_config.block_size == 16
+    stats = engine.attention_stats()
+    assert stats["kernel_rows"] > 0 and stats["gather_rows"] > 0, stats
     for res in results:
         assert res.finish_reason == ("stop" if len(res.token_ids) < MAX_NEW else "length")
     # the passages matter (else equality would prove little about the reader mask)
