@@ -10,13 +10,15 @@ each, their ratio and the share of requests whose greedy tokens agree exactly.
 sent as a plain token prefix (``passages + prompt``, the same tokens ImpRAG reads, without
 its region layout or reader attention): the speed ImpRAG's vLLM path is measured against.
 Its greedy tokens differ from ImpRAG's (another attention pattern), so only speed is
-compared. Every engine runs in this process's CPU set with the same thread count.
+compared. Every engine runs on the same cores: the torch engine with ``--threads`` threads,
+vLLM's CPU worker bound to that many cores (``VLLM_CPU_OMP_THREADS_BIND``, unless set).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -111,6 +113,8 @@ def run_engines_bench(
     startup = time.perf_counter() - start
     try:
         vllm_stats, vllm_results = time_engine(engine, reqs)
+        if hasattr(engine, "attention_stats"):  # rows through vLLM's kernel / the gather path
+            vllm_stats["attention"] = engine.attention_stats()
     finally:
         if own:
             engine.close()
@@ -173,6 +177,13 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     ):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    # the same cores for every engine: vLLM's CPU worker binds its OpenMP threads to the
+    # cores named here (vLLM's own default keeps one core free), the torch engine runs
+    # --threads threads
+    cores = sorted(os.sched_getaffinity(0))
+    if args.threads > len(cores):
+        raise ValueError(f"--threads {args.threads} > the {len(cores)} cores this process may use")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[: args.threads])))
     vllm_options = {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -194,6 +205,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     report["preset"] = None if args.checkpoint else args.preset
+    report["vllm_cpu_omp_threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     print(json.dumps(report, indent=2))
     if args.json:
         write_json_atomic(args.json, report)
