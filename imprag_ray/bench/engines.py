@@ -86,10 +86,12 @@ def run_engines_bench(
     vllm_options: dict[str, Any] | None = None,
     vllm_engine: GenerationEngine | None = None,
     compare_plain: bool = False,
+    plain_engine: GenerationEngine | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure both engines on the same requests; ``vllm_engine`` reuses a running one;
-    ``compare_plain`` also times stock vLLM with the passages as a plain prefix."""
+    ``compare_plain`` also times stock vLLM with the passages as a plain prefix
+    (``plain_engine``: a running ``plain=True`` engine to reuse)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -124,13 +126,15 @@ def run_engines_bench(
     plain_stats = None
     if compare_plain:
         start = time.perf_counter()
-        plain = build_engine("vllm", str(checkpoint), plain=True, **(vllm_options or {}))
+        plain = plain_engine or build_engine("vllm", str(checkpoint), plain=True, **(vllm_options or {}))
         startup = time.perf_counter() - start
         try:
             plain_stats, _ = time_engine(plain, reqs)
         finally:
-            plain.close()
-        plain_stats["startup_s"] = round(startup, 1)
+            if plain_engine is None:
+                plain.close()
+        if plain_engine is None:
+            plain_stats["startup_s"] = round(startup, 1)
     report = {
         "checkpoint": str(checkpoint),
         "model": {

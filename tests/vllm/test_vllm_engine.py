@@ -231,6 +231,43 @@ def test_bench_engines_on_the_running_engine(engine, ckpt):
     )
 
 
+def test_plain_engine_is_stock_llama_on_the_passages_as_text_and_compare_plain_times_it(
+    engine, ckpt, requests_
+):
+    """``plain=True`` serves the checkpoint as stock vLLM Llama: its greedy tokens are
+    transformers' on ``passages + prompt``; ``bench engines --compare-plain`` times it."""
+    from transformers import AutoModelForCausalLM
+
+    reqs = [*[r for r in requests_ if r.passages and sum(map(len, r.passages))][:3], requests_[5]]
+    plain = build_engine("vllm", str(ckpt), plain=True, max_num_seqs=4, kv_cache_gib=0.05, max_model_len=512)
+    try:
+        got = [r.token_ids for r in plain.generate(reqs)]
+        assert plain.attention_stats() == {}
+        report = run_engines_bench(
+            ckpt,
+            requests=4,
+            max_new_tokens=4,
+            prompt_tokens=8,
+            vllm_engine=engine,
+            compare_plain=True,
+            plain_engine=plain,
+        )
+    finally:
+        plain.close()
+    lm = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for req, tokens in zip(reqs, got, strict=True):
+        ids = [t for p in req.passages or () for t in p] + list(req.prompt_ids)
+        with torch.no_grad():
+            out = lm.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids) :]
+        stops = set(plain.stop_token_ids)
+        want = next((out[:i].tolist() for i, t in enumerate(out.tolist()) if t in stops), out.tolist())
+        assert tokens == want, req.request_id
+    assert report["plain_vllm"]["generated_tokens"] > 0
+    assert report["ratio_vllm_over_plain_vllm"] == pytest.approx(
+        report["vllm"]["tokens_per_s"] / report["plain_vllm"]["tokens_per_s"], rel=1e-2
+    )
+
+
 def test_reload_serves_exactly_the_new_checkpoint(engine, ckpt, requests_, tmp_path):
     model = ImpRAGModel.from_pretrained(ckpt)
     torch.manual_seed(1)
