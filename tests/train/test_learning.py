@@ -132,14 +132,11 @@ def test_joint_training_learns_to_retrieve_and_read(tmp_path):
 def test_150_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch):
     """The demo's ImpRAG job, 150 steps from the checked-in base (pretrained on people who are
     not in this world, ``imprag model pretrain-base``): held-out people's answers come out of the
-    passages the model retrieves itself, far above the untrained model."""
+    passages the model retrieves itself, far above chance."""
     import dataclasses
-    from pathlib import Path
 
     from imprag_ray import demo
     from imprag_ray.cli import load_train_config
-    from imprag_ray.model.checkpoint import init_checkpoint, tokenizer_texts
-    from imprag_ray.model.presets import tiny
 
     monkeypatch.chdir(tmp_path)  # the job's runs/demo/... paths
     demo.prepare(echo=lambda s: None)  # the demo world + a copy of the base in runs/demo/init
@@ -155,29 +152,14 @@ def test_150_steps_from_the_base_answer_held_out_questions(tmp_path, monkeypatch
     ]
     cfg = load_train_config(demo.ROOT / "jobs/tiny_synth_imprag.yaml", overrides)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=cfg.data.eval[:1]))  # QA
-    world = Path(cfg.data.corpus).parent
-
-    untrained_dir = tmp_path / "untrained"  # the tiny shape at random init, same tokenizer texts
-    init_checkpoint(
-        dataclasses.replace(tiny(), num_passages=1),
-        tokenizer_texts(world / "corpus.jsonl", [world / "train/qa.jsonl"]),
-        untrained_dir,
-        seed=0,
-    )
-    # evaluation only: one training item keeps its setup from ranking the whole mix with BM25
-    few = dataclasses.replace(cfg.data, train=(dataclasses.replace(cfg.data.train[0], limit=1),))
-    untrained = ImpRAGRecipe(
-        dataclasses.replace(cfg, data=few, model=dataclasses.replace(cfg.model, path=str(untrained_dir)))
-    )
-    untrained.setup()
-    qa_untrained = untrained.evaluate("eval", write=False)["qa"]
 
     recipe = ImpRAGRecipe(cfg)
     recipe.setup()
     for batch in recipe.epoch_batches(0):
         recipe.train_step(batch)
     qa = recipe.evaluate("eval", write=False)["qa"]
-    print({"untrained": qa_untrained, "trained": qa})
-    assert qa_untrained["em"] <= 0.02 and qa_untrained["recall@10"] <= 0.05
+    print({"trained": qa})
+    # chance: recall@10 = 10 / 5000 passages; the untrained tiny model scores 0 on all three
+    # (docs/notes.md), as the random-init test above checks for its own model
     assert qa["recall@10"] >= 0.4 and qa["recall@1"] >= 0.2
-    assert qa["em"] >= 0.12 and qa["em"] >= qa_untrained["em"] + 0.1
+    assert qa["em"] >= 0.12
