@@ -20,7 +20,7 @@ from torch import Tensor
 
 from imprag_ray.data.records import RETRIEVAL_FORMATS, TaskExample
 from imprag_ray.data.templates import format_prompt, format_target
-from imprag_ray.data.tokenized import PassageStore, encode_prompt_text
+from imprag_ray.data.tokenized import PassageStore, encode_prompt_text, encode_texts, prompt_from_ids
 
 
 @dataclass
@@ -56,6 +56,7 @@ def make_item(
     rng: random.Random,
     shuffle_context: bool = False,
     chat: bool = False,
+    encoded: tuple[list[int] | None, list[int]] | None = None,
 ) -> Item:
     """Tokenise one example; ``ranking`` = teacher passage ids (retrieval formats only).
 
@@ -63,14 +64,18 @@ def make_item(
     the teacher's best passage is then not always first, as at inference, where the
     model's own retrieval decides the order. ``chat`` (``data.chat_template``) wraps the
     prompt in the tokenizer's chat template; ``corpus_text`` items stay plain LM text.
+    ``encoded``: the token ids of the prompt text (None: not given) and of the target text,
+    as :func:`make_items` computes them in batches.
     """
-    if example.format == "corpus_text":
-        prompt_text, target_text = "", example.answers[0]
-        chat = False
+    prompt_text, target_text, chat = item_texts(example, chat)
+    if encoded is not None and encoded[0] is not None and not chat:
+        prompt = prompt_from_ids(tokenizer, encoded[0], max_prompt_tokens)
     else:
-        prompt_text, target_text = format_prompt(example), format_target(example.answers[0])
-    prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens, chat=chat)
-    target = tokenizer(target_text, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
+        prompt = encode_prompt_text(tokenizer, prompt_text, max_prompt_tokens, chat=chat)
+    if encoded is not None:
+        target = encoded[1][: max_target_tokens - 1]
+    else:
+        target = tokenizer(target_text, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
     target = [*target, tokenizer.eos_token_id]
     if example.format not in RETRIEVAL_FORMATS or not ranking:
         return Item(prompt, target, [], [], [], [])
@@ -89,6 +94,37 @@ def make_item(
         candidates=list(ranking[:num_candidates]),
         near=list(ranking[:lo]),
     )
+
+
+def item_texts(example: TaskExample, chat: bool) -> tuple[str, str, bool]:
+    """(prompt text, target text, chat) of a training item: ``corpus_text`` items are plain
+    LM text (no prompt, never a chat turn)."""
+    if example.format == "corpus_text":
+        return "", example.answers[0], False
+    return format_prompt(example), format_target(example.answers[0]), chat
+
+
+def make_items(
+    examples: Sequence[TaskExample],
+    tokenizer,
+    rankings: dict[str, list[str]],
+    *,
+    rng: random.Random,
+    chat: bool = False,
+    **item_args,
+) -> list[Item]:
+    """:func:`make_item` of every example (``rankings.get(ex.id)`` each, one ``rng`` in
+    order), with the prompt and target texts tokenised in two batched calls."""
+    texts = [item_texts(ex, chat) for ex in examples]
+    plain = [i for i, (_, _, c) in enumerate(texts) if not c]  # chat prompts: one by one
+    prompt_ids: list[list[int] | None] = [None] * len(texts)
+    for i, ids in zip(plain, encode_texts(tokenizer, [texts[i][0] for i in plain]), strict=True):
+        prompt_ids[i] = ids
+    target_ids = encode_texts(tokenizer, [t for _, t, _ in texts])
+    return [
+        make_item(ex, tokenizer, rankings.get(ex.id), rng=rng, chat=chat, encoded=(p, t), **item_args)
+        for ex, p, t in zip(examples, prompt_ids, target_ids, strict=True)
+    ]
 
 
 def make_reading_item(
@@ -114,9 +150,20 @@ def make_reading_item(
     gold = gold or (example.provenance[0] if example.provenance else None)
     if gold is None:
         raise ValueError(f"example {example.id!r} has no provenance; a reading item needs its gold passage")
-    item = make_item(example, tokenizer, None, k=k, num_positives=0, hard_negative_ranks=(0, 0),
-                     num_hard_negatives=0, num_candidates=0, max_prompt_tokens=max_prompt_tokens,
-                     max_target_tokens=max_target_tokens, rng=rng, chat=chat)
+    item = make_item(
+        example,
+        tokenizer,
+        None,
+        k=k,
+        num_positives=0,
+        hard_negative_ranks=(0, 0),
+        num_hard_negatives=0,
+        num_candidates=0,
+        max_prompt_tokens=max_prompt_tokens,
+        max_target_tokens=max_target_tokens,
+        rng=rng,
+        chat=chat,
+    )
     pool = [pid for pid in rng.sample(list(others), min(len(others), k)) if pid != gold][: k - 1]
     item.context = [gold, *pool]
     rng.shuffle(item.context)
@@ -205,6 +252,19 @@ def collate(
         if stage != "warmup":
             candidates[r, : len(it.candidates)] = torch.tensor([pool[p] for p in it.candidates])
     return Batch(
-        input_ids, mask, labels, query_index, passage_ids, passage_mask, retrieval, list(items),
-        pool_ids, pool_tokens, pool_mask, positive, negative, candidates, stage,
+        input_ids,
+        mask,
+        labels,
+        query_index,
+        passage_ids,
+        passage_mask,
+        retrieval,
+        list(items),
+        pool_ids,
+        pool_tokens,
+        pool_mask,
+        positive,
+        negative,
+        candidates,
+        stage,
     )

@@ -50,7 +50,7 @@ from imprag_ray.model.checkpoint import load_tokenizer, stop_token_ids
 from imprag_ray.model.imprag import ImpRAGConfigError, ImpRAGModel
 from imprag_ray.model.losses import answer_loglik, distillation_kl, multi_positive_nce, response_nll
 from imprag_ray.retrievers.teachers import build_teacher
-from imprag_ray.train.batching import Batch, Item, collate, make_item, make_reading_item
+from imprag_ray.train.batching import Batch, Item, collate, make_items, make_reading_item
 from imprag_ray.train.eval_corpus import eval_passage_ids, teacher_rankings
 
 # gather(local [M, d]) -> (all workers' passages [M_all, d], offset of the local rows in it);
@@ -194,19 +194,14 @@ class ImpRAGRecipe:
                     gold = self.resolver.order_gold(ex, ranking)[: t.num_positives]
                     # other passages of a gold page are neither positives nor hard negatives
                     rankings[ex.id] = gold + [pid for pid in ranking if not self.resolver.is_gold(ex, pid)]
-        rng = random.Random(self.cfg.seed)
         d = self.cfg.data
-        return [
-            make_item(
-                ex, self.tokenizer, rankings.get(ex.id),
-                k=self.model.k, num_positives=t.num_positives,
-                hard_negative_ranks=t.hard_negative_ranks, num_hard_negatives=t.num_hard_negatives,
-                num_candidates=t.num_candidates, max_prompt_tokens=d.max_prompt_tokens,
-                max_target_tokens=d.max_target_tokens, rng=rng, shuffle_context=d.shuffle_context,
-                chat=d.chat_template,
-            )
-            for ex in examples
-        ]
+        return make_items(
+            examples, self.tokenizer, rankings, rng=random.Random(self.cfg.seed), chat=d.chat_template,
+            k=self.model.k, num_positives=t.num_positives,
+            hard_negative_ranks=t.hard_negative_ranks, num_hard_negatives=t.num_hard_negatives,
+            num_candidates=t.num_candidates, max_prompt_tokens=d.max_prompt_tokens,
+            max_target_tokens=d.max_target_tokens, shuffle_context=d.shuffle_context,
+        )
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW; no weight decay on norms/biases; the retriever side (see
