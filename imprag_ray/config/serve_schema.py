@@ -239,7 +239,6 @@ class DeploymentSection:
     ray_actor_options: ActorOptionsSection = ActorOptionsSection()
     max_ongoing_requests: int = 16
     max_queued_requests: int | None = None
-    batching: BatchingSection = BatchingSection()
 
     def validate(self) -> None:
         if self.max_ongoing_requests <= 0:
@@ -260,9 +259,19 @@ class DeploymentSection:
 
 
 @dataclass(frozen=True)
+class RetrievalDeploymentSection(DeploymentSection):
+    """The retrieval stage's deployment; ``batching``: its ``@serve.batch`` of requests into
+    one bottom-layer forward and one FAISS search. (The generation stage has no such knob:
+    its engine batches running requests itself, vLLM continuously, the torch engine every
+    ``engine.options.batch_wait_s``.)"""
+
+    batching: BatchingSection = BatchingSection()
+
+
+@dataclass(frozen=True)
 class DeploymentsSection:
     ingress: DeploymentSection = DeploymentSection()
-    retrieval: DeploymentSection = DeploymentSection()
+    retrieval: RetrievalDeploymentSection = RetrievalDeploymentSection()
     generation: DeploymentSection = DeploymentSection()
 
 

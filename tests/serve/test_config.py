@@ -255,6 +255,12 @@ def test_loopback_or_authenticated_or_accepted_risk_loads(overrides):
             "> 0",
         ),
         ("deployments.retrieval.batching.wait=1", "deployments.retrieval.batching.wait", "unknown key"),
+        # generation batches inside its engine: no @serve.batch knob to set (and ignore)
+        (
+            "deployments.generation.batching={max_batch_size: 8}",
+            "deployments.generation.batching",
+            "unknown key",
+        ),
         ("top_k=0", "top_k", "> 0"),
         ("auth={api_key: a, api_key_env: B}", "auth.api_key", "not both"),
         ("model.retrieval_layer=20", "model.retrieval_layer", "< reader_last_layer"),
