@@ -138,7 +138,6 @@ class ImpRAGMetadata(AttentionMetadata):
     slot_mapping: Tensor  # [T] slot of each new token
     block_table: Tensor  # [num_reqs, max_blocks]
     query_start_loc: Tensor  # [num_reqs + 1] (CPU)
-    seq_lens: Tensor  # [num_reqs] (CPU)
     step: dict[str, Any] | None = None  # per-step facts, built by the first layer of the step
     plans: dict[tuple[int, bool], _Plan] = field(default_factory=dict)  # (phase, reader) ->
 
@@ -166,7 +165,6 @@ class ImpRAGMetadataBuilder(AttentionMetadataBuilder[ImpRAGMetadata]):
             slot_mapping=m.slot_mapping[: m.num_actual_tokens],
             block_table=m.block_table_tensor[:n],
             query_start_loc=m.query_start_loc_cpu[: n + 1].long(),
-            seq_lens=m.seq_lens[:n].cpu().long(),
         )
 
 

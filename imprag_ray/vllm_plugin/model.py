@@ -105,7 +105,6 @@ class ImpRAGLlamaAttention(nn.Module):
         *,
         settings: ReaderSettings,
         flags: TokenFlags,
-        use_kernel: bool = True,
     ) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
@@ -149,7 +148,6 @@ class ImpRAGLlamaAttention(nn.Module):
             reader=settings.is_reader(extract_layer_index(prefix)),
             flags=flags,
             region=region_length(settings.k, settings.l_max),
-            use_kernel=use_kernel,
         )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:

@@ -70,7 +70,6 @@ class _Step:
             slot_mapping=slots,
             block_table=bt,
             query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-            seq_lens=torch.tensor([int(p[-1]) + 1 for _, p, _ in items]),
         )
         self.flags.current, self.flags.positions = flags, positions
         keep = ((flags & PAD) == 0).nonzero().squeeze(1)  # the model never runs PAD slots
